@@ -1,0 +1,161 @@
+"""Run directories: the config a run was made with, its checkpoints, and loading a trained model.
+
+A run directory (a "workdir") holds
+  config.json      the full config of the run (`gacd-jax train` refuses another config here),
+  run.json         facts the run derived: image shape, number of classes, the teacher's source,
+  checkpoints/     orbax checkpoints of the whole train state (written atomically by orbax: a
+                   crash leaves the previous checkpoint as the latest complete one),
+  metrics.jsonl, events.* (TensorBoard), eval.json, eval.md.
+A teacher directory is a run directory; `gacd-jax import-teacher` writes the same layout.
+"""
+
+import hashlib
+import json
+import os
+import pathlib
+from typing import Any
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from ml_collections import ConfigDict
+
+from gacd_jax import errors
+
+CONFIG_FILE = "config.json"
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+  """Write JSON atomically (temporary file, then rename), so a crash never leaves half a file."""
+  path = pathlib.Path(path)
+  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list) + "\n")
+  os.replace(tmp, path)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+  path = pathlib.Path(path)
+  try:
+    return json.loads(path.read_text())
+  except json.JSONDecodeError as e:
+    raise errors.CheckpointError(f"{path} is corrupt ({e}); restore it or start a new run") from e
+
+
+def read_config(workdir: str | os.PathLike) -> ConfigDict:
+  """The config a run was made with."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / CONFIG_FILE
+  if not workdir.is_dir():
+    raise errors.CheckpointError(
+        f"run directory {workdir} does not exist; train one with `gacd-jax train` or import a "
+        "PyTorch teacher with `gacd-jax import-teacher`")
+  if not path.is_file():
+    raise errors.CheckpointError(
+        f"{workdir} holds no {CONFIG_FILE}, so it is not a run directory written by gacd-jax")
+  return ConfigDict(read_json(path))
+
+
+def read_run_info(workdir: str | os.PathLike) -> dict:
+  path = pathlib.Path(workdir) / RUN_FILE
+  if not path.is_file():
+    raise errors.CheckpointError(f"{path} is missing; the run directory is incomplete")
+  return read_json(path)
+
+
+def manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
+  options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
+                                         create=True)
+  return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
+
+
+def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
+  """Save the whole train state at `step` (orbax writes to a temporary directory and renames it
+  when complete, so an interrupted save never becomes the latest checkpoint)."""
+  mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+
+
+def latest_step(workdir: str | os.PathLike) -> int | None:
+  path = pathlib.Path(workdir) / CHECKPOINT_DIR
+  if not path.is_dir():
+    return None
+  with manager(workdir) as mngr:
+    return mngr.latest_step()
+
+
+def restore(workdir: str | os.PathLike, abstract_state: Any = None) -> tuple[int, Any]:
+  """Restore the latest checkpoint: `(step, state)`.
+
+  With `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with shardings) the result has its
+  structure and placement; without it, the tree is returned as saved (nested dicts of arrays).
+  """
+  step = latest_step(workdir)
+  if step is None:
+    raise errors.CheckpointError(
+        f"{workdir} holds no checkpoint; the run never saved one (train it first)")
+  try:
+    with manager(workdir) as mngr:
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+  except errors.GacdError:
+    raise
+  except Exception as e:  # orbax raises many types for unreadable or mismatched files
+    raise errors.CheckpointError(
+        f"cannot restore checkpoint step {step} in {workdir}: {type(e).__name__}: "
+        f"{str(e)[:500]}. If the files are damaged, delete {CHECKPOINT_DIR}/{step} to fall back to "
+        "an earlier checkpoint; if the config changed, use the config the run was made with"
+    ) from e
+  return step, state
+
+
+def content_hash(tree: Any) -> str:
+  """SHA-256 of a pytree's leaves (paths, dtypes, shapes and bytes), e.g. to record a teacher."""
+  digest = hashlib.sha256()
+  for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    leaf = np.asarray(leaf)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{leaf.dtype}{leaf.shape}".encode())
+    digest.update(np.ascontiguousarray(leaf).tobytes())
+  return digest.hexdigest()
+
+
+def shape_mismatches(expected: Any, actual: Any) -> list[str]:
+  """Human-readable differences between two pytrees' paths and shapes (empty if they agree)."""
+  def shapes(tree):
+    return {jax.tree_util.keystr(p): tuple(np.shape(x))
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  want, got = shapes(expected), shapes(actual)
+  problems = [f"missing {k} {want[k]}" for k in sorted(want.keys() - got.keys())]
+  problems += [f"unexpected {k} {got[k]}" for k in sorted(got.keys() - want.keys())]
+  problems += [f"{k}: expected shape {want[k]}, found {got[k]}"
+               for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+  return problems
+
+
+def load_model(workdir: str | os.PathLike) -> tuple[Any, dict]:
+  """The trained model of a run: `(module, variables)`.
+
+  `module.apply(variables, x, train=False)` gives `(logits, features)` for `x` `[B, H, W, C]` in
+  [0, 1]. Raises `CheckpointError` if the directory is not a run, has no checkpoint, or its
+  parameters do not fit the architecture its config names.
+  """
+  from gacd_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top
+  cfg = read_config(workdir)
+  info = read_run_info(workdir)
+  module = models.build(cfg.model.name, info["num_classes"], **config_lib.model_kwargs(cfg.model))
+  _, raw = restore(workdir)
+  try:
+    variables = {"params": raw["params"]["student"], "batch_stats": raw.get("batch_stats", {})}
+  except (KeyError, TypeError) as e:
+    raise errors.CheckpointError(
+        f"the checkpoint in {workdir} has no student parameters; it was not written by "
+        "gacd-jax train or import-teacher") from e
+  x = jax.ShapeDtypeStruct((1, *info["image_shape"]), np.float32)
+  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+  expected = {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
+  problems = shape_mismatches(expected, variables)
+  if problems:
+    raise errors.CheckpointError(
+        f"the parameters in {workdir} do not fit a {cfg.model.name} with "
+        f"{info['num_classes']} classes:\n  " + "\n  ".join(problems[:20]))
+  return module, jax.tree.map(np.asarray, variables)

@@ -1,0 +1,123 @@
+"""The `gacd-jax` command line.
+
+  gacd-jax demo --workdir DIR
+  gacd-jax train --config configs/X.py --workdir DIR [--config.key=value ...] [--overwrite]
+  gacd-jax evaluate --config configs/X.py --workdir DIR [--config.key=value ...]
+
+Each subcommand has its own absl flags; configs are ml_collections files whose keys are locked, so
+a misspelt `--config.key` is an error rather than a silent no-op. A user error (`GacdError`) is
+printed as one message with a non-zero exit and no traceback.
+"""
+
+import sys
+from typing import Callable
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from gacd_jax import errors
+
+USAGE = """usage: gacd-jax COMMAND [flags]
+
+commands:
+  demo       train a robust teacher, a distilled and a natural student on the bundled digits,
+             evaluate them, and write report.md and robustness.png
+  train      train (or resume) a run:  --config FILE --workdir DIR [--config.key=value ...]
+  evaluate   evaluate a run on the test split:  --config FILE --workdir DIR
+
+`gacd-jax COMMAND --help` lists a command's flags.
+"""
+
+
+def _config_flag():
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py), "
+                                  "optionally with :ARG", lock_config=True)
+
+
+def _define_train():
+  _config_flag()
+  flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", required=True)
+  flags.DEFINE_bool("overwrite", False, "replace a run of a different config in --workdir")
+  flags.DEFINE_bool("progress", True, "show a progress bar")
+
+
+def _run_train():
+  from gacd_jax import train  # pylint: disable=g-import-not-at-top
+  config = _required_config()
+  metrics = train.train(config, flags.FLAGS.workdir, overwrite=flags.FLAGS.overwrite,
+                        progress=flags.FLAGS.progress)
+  print("final metrics: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
+
+
+def _define_evaluate():
+  _config_flag()
+  flags.DEFINE_string("workdir", None, "run directory to evaluate", required=True)
+
+
+def _run_evaluate():
+  from gacd_jax import evaluate  # pylint: disable=g-import-not-at-top
+  config = _required_config()
+  evaluate.evaluate_run(config, flags.FLAGS.workdir)
+  print((__import__("pathlib").Path(flags.FLAGS.workdir) / "eval.md").read_text())
+
+
+def _define_demo():
+  flags.DEFINE_string("workdir", None, "directory for the demo's runs and report", required=True)
+  flags.DEFINE_bool("smoke", False, "a tiny, seconds-long version (for tests)")
+
+
+def _run_demo():
+  from gacd_jax import demo  # pylint: disable=g-import-not-at-top
+  table = demo.run(flags.FLAGS.workdir, smoke=flags.FLAGS.smoke)
+  print(table)
+
+
+def _required_config():
+  config = flags.FLAGS.config
+  if config is None:
+    raise errors.ConfigError("--config is required, e.g. --config configs/digits.py")
+  return config
+
+
+COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
+    "demo": (_define_demo, _run_demo),
+    "train": (_define_train, _run_train),
+    "evaluate": (_define_evaluate, _run_evaluate),
+}
+
+
+def _fail(message: str) -> None:
+  print(f"gacd-jax: error: {message}", file=sys.stderr)
+  sys.exit(2)
+
+
+def main(argv: list[str] | None = None) -> None:
+  argv = list(sys.argv if argv is None else argv)
+  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+    print(USAGE)
+    sys.exit(0 if len(argv) >= 2 else 2)
+  command = argv[1]
+  if command not in COMMANDS:
+    _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  define, run = COMMANDS[command]
+  define()
+
+  def app_main(extra: list[str]) -> None:
+    if len(extra) > 1:
+      _fail(f"unexpected arguments {' '.join(extra[1:])!r}; flags look like --name=value")
+    logging.set_verbosity(logging.WARNING)
+    try:
+      run()
+    except errors.GacdError as e:
+      _fail(str(e))
+
+  try:
+    app.run(app_main, argv=[f"gacd-jax {command}"] + argv[2:])
+  except errors.GacdError as e:  # raised while parsing flags, e.g. by a config file
+    _fail(str(e))
+
+
+if __name__ == "__main__":
+  main()

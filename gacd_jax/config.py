@@ -1,0 +1,131 @@
+"""The default config every experiment config starts from, and its validation.
+
+Every method's switches are present in every config (under `method.<name>`), so
+`--config.method.name=...` works from the command line on any config file. Configs are validated
+once, up front, by `validate`, with messages that name the key and the fix.
+"""
+
+import json
+
+from ml_collections import ConfigDict
+
+from gacd_jax import attacks
+from gacd_jax import errors
+from gacd_jax import losses
+
+
+def default() -> ConfigDict:
+  """The base config. Experiment configs in `configs/` start here and change what they need."""
+  c = ConfigDict()
+  c.seed = 0
+
+  # The student. Per-architecture options live under the architecture's name.
+  c.model = ConfigDict()
+  c.model.name = "small_cnn"
+  c.model.small_cnn = ConfigDict({"width": 16})
+  c.model.wrn = ConfigDict({"depth": 34, "widen_factor": 10})
+
+  c.data = ConfigDict()
+  c.data.name = "digits"
+  c.data.image_size = 0      # 0: the dataset's own size
+  c.data.channels = 0        # 0: the dataset's own channel count
+  c.data.data_dir = ""       # tfds data_dir; '' for tfds' default
+  c.data.num_examples = 0    # synthetic only; 0: its default
+  c.data.num_classes = 0     # synthetic only; 0: its default
+  c.data.crop_padding = 4    # random crop after zero padding; 0 turns it off
+  c.data.flip = True
+
+  c.teacher = ConfigDict()
+  c.teacher.workdir = ""     # a run directory written by `gacd-jax train` or `import-teacher`
+  c.teacher.model = ""       # expected architecture; checked against the teacher's own config
+
+  c.method = ConfigDict()
+  c.method.name = "pgd_at"
+  c.method.kl_reduction = "batchmean"  # or 'mean' (over batch x classes, as ARD/RSLAD code)
+  c.method.ard = ConfigDict({"alpha": 1.0, "temperature": 30.0})
+
+  # The training attack. 'method' picks the start and BatchNorm mode of the method's public code.
+  c.attack = ConfigDict()
+  c.attack.eps = 8 / 255
+  c.attack.step_size = 2 / 255
+  c.attack.steps = 10
+  c.attack.norm = "linf"
+  c.attack.start = "method"    # or uniform / gaussian / none
+  c.attack.bn_mode = "method"  # or eval / train
+  c.attack.unroll = True
+
+  c.optim = ConfigDict()
+  c.optim.lr = 0.1
+  c.optim.momentum = 0.9
+  c.optim.nesterov = False
+  c.optim.weight_decay = 2e-4
+  c.optim.schedule = "piecewise"   # piecewise / cosine / constant
+  c.optim.milestones = (100, 150)  # epochs, for piecewise
+  c.optim.decay_factor = 0.1
+
+  c.train = ConfigDict()
+  c.train.batch_size = 128    # global, over all devices and hosts
+  c.train.epochs = 200
+  c.train.log_every = 50      # steps; metrics are read from the device only then
+  c.train.checkpoint_every = 1000
+  c.train.keep_checkpoints = 2
+
+  c.eval = ConfigDict()
+  c.eval.batch_size = 256
+  c.eval.eps = 8 / 255
+  c.eval.pgd_steps = 20
+  c.eval.pgd_step_size = 2 / 255
+  c.eval.cw_steps = 30
+  c.eval.cw_step_size = 2 / 255
+  c.eval.max_examples = 0     # 0: the whole test split
+  c.eval.eps_curve = (0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255)
+  return c
+
+
+def model_kwargs(model_config: ConfigDict) -> dict:
+  """The keyword arguments for `models.build` held under `model.<name>`, if any."""
+  options = model_config.get(model_config.name)
+  return dict(options) if options is not None else {}
+
+
+def _choice(value, choices, key):
+  if value not in choices:
+    raise errors.ConfigError(
+        f"config.{key}={value!r} is not one of {', '.join(map(str, choices))}")
+
+
+def _positive(value, key):
+  if not isinstance(value, int) or value <= 0:
+    raise errors.ConfigError(f"config.{key}={value!r} must be a positive integer")
+
+
+def validate(c: ConfigDict) -> None:
+  """Raise `ConfigError` naming the key for anything out of range or unknown."""
+  from gacd_jax import data, methods, models  # pylint: disable=g-import-not-at-top
+  if c.model.name not in models.names():
+    raise errors.ConfigError(
+        f"unknown model {c.model.name!r}; known models: {', '.join(models.names())}")
+  if c.data.name not in data.names():
+    raise errors.ConfigError(
+        f"unknown dataset {c.data.name!r}; known datasets: {', '.join(data.names())}")
+  methods.build(c.method)  # raises for an unknown method
+  _choice(c.method.kl_reduction, losses.KL_REDUCTIONS, "method.kl_reduction")
+  for key in ("attack.eps", "eval.eps"):
+    section, name = key.split(".")
+    attacks.check_eps(c[section][name], f"config.{key}")
+  for eps in c.eval.eps_curve:
+    attacks.check_eps(eps, "an entry of config.eval.eps_curve")
+  _choice(c.attack.norm, attacks.NORMS, "attack.norm")
+  _choice(c.attack.start, ("method",) + attacks.STARTS, "attack.start")
+  _choice(c.attack.bn_mode, ("method", "eval", "train"), "attack.bn_mode")
+  _choice(c.optim.schedule, ("piecewise", "cosine", "constant"), "optim.schedule")
+  for key in ("train.batch_size", "train.epochs", "train.log_every", "train.checkpoint_every",
+              "train.keep_checkpoints", "eval.batch_size"):
+    section, name = key.split(".")
+    _positive(c[section][name], key)
+  if c.attack.steps < 0 or c.eval.pgd_steps < 0 or c.eval.cw_steps < 0:
+    raise errors.ConfigError("attack step counts must be >= 0")
+
+
+def to_json(c: ConfigDict) -> str:
+  return json.dumps(c.to_dict(), indent=2, sort_keys=True, default=list)

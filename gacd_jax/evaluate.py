@@ -1,0 +1,183 @@
+"""Robustness evaluation: accuracy on the test split under the standard attacks.
+
+The model is in eval mode and deterministic; attacks with a random start use a fixed key, so two
+evaluations of the same run agree. Every attack is one jit over the mesh (the test batch split on
+`data`); the last batch is padded and masked.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+from ml_collections import ConfigDict
+
+from gacd_jax import attacks
+from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
+from gacd_jax import data
+from gacd_jax import report
+from gacd_jax import sharding
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
+AttackFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array, Any],
+                    jax.Array]  # (logits_fn, x, y, rng, eps) -> x_adv
+
+ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf"}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSettings:
+  eps: float = 8 / 255
+  pgd_steps: int = 20
+  pgd_step_size: float = 2 / 255
+  cw_steps: int = 30
+  cw_step_size: float = 2 / 255
+  batch_size: int = 256
+  max_examples: int = 0
+
+  @classmethod
+  def from_config(cls, eval_config: ConfigDict) -> "EvalSettings":
+    return cls(**{f.name: eval_config[f.name] for f in dataclasses.fields(cls)})
+
+
+def attack_fn(name: str, settings: EvalSettings) -> AttackFn:
+  """The named attack as `(logits_fn, x, y, rng, eps) -> x_adv`. Step sizes scale with eps
+  relative to `settings.eps`, so an eps sweep keeps the step/eps ratio."""
+  def scaled(step_size, eps):
+    return step_size * eps / settings.eps if settings.eps else step_size
+
+  if name == "clean":
+    return lambda f, x, y, rng, eps: x
+  if name == "fgsm":
+    return lambda f, x, y, rng, eps: attacks.pgd(
+        attacks.cross_entropy_objective(f, y), x, None, eps=eps, step_size=eps, steps=1,
+        start="none")
+  if name == "pgd20":
+    return lambda f, x, y, rng, eps: attacks.pgd(
+        attacks.cross_entropy_objective(f, y), x, rng, eps=eps,
+        step_size=scaled(settings.pgd_step_size, eps), steps=settings.pgd_steps,
+        start="uniform", unroll=False)
+  if name == "cw":
+    return lambda f, x, y, rng, eps: attacks.pgd(
+        attacks.margin_objective(f, y), x, rng, eps=eps,
+        step_size=scaled(settings.cw_step_size, eps), steps=settings.cw_steps,
+        start="uniform", unroll=False)
+  raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_LABELS)}")
+
+
+def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, attack: AttackFn,
+                    *, eps: float | list[float], batch_size: int, mesh=None,
+                    max_examples: int = 0, seed: int = 0, desc: str = "") -> list[float]:
+  """Accuracy of `apply_fn` on `source` under `attack`, for each eps (one pass over the data).
+
+  Returns one accuracy in [0, 1] per eps.
+  """
+  eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
+  for e in eps_list:
+    attacks.check_eps(float(e))
+  mesh = mesh or sharding.make_mesh()
+  sharding.check_batch_size(batch_size, mesh, "eval.batch_size")
+  batch_sharding = sharding.batch_sharding(mesh)
+  replicated = sharding.replicated(mesh)
+
+  @jax.jit
+  def correct(variables, x, y, mask, rng, eps):
+    logits_fn = lambda xx: apply_fn(variables, xx)
+    x_adv = attack(logits_fn, x, y, rng, eps)
+    hits = (logits_fn(x_adv).argmax(-1) == y) & mask
+    return hits.sum()
+
+  variables = jax.device_put(variables, replicated)
+  rng = jax.random.key(seed)
+  totals = [0] * len(eps_list)
+  count = 0
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  batches = data.eval_batches(source, global_batch_size=batch_size,
+                              process_index=jax.process_index(),
+                              process_count=jax.process_count())
+  n_batches = -(-source.num_examples // batch_size)
+  if max_examples:
+    n_batches = min(n_batches, -(-max_examples // batch_size))
+  for i, batch in enumerate(tqdm(batches, total=n_batches, desc=desc or "eval", leave=False,
+                                 disable=jax.process_index() != 0)):
+    if i == n_batches:
+      break
+    if max_examples:  # cut the last batch to exactly max_examples
+      batch["mask"] = batch["mask"] & (batch["index"] < max_examples)
+    g = data.to_global(batch, batch_sharding)
+    batch_rng = jax.random.fold_in(rng, i)
+    for j, e in enumerate(eps_list):
+      totals[j] += correct(variables, g["image"], g["label"], g["mask"], batch_rng,
+                           jnp.float32(e))
+    count += int(batch["mask"].sum()) * jax.process_count()
+  return [float(t) / max(count, 1) for t in totals]
+
+
+def evaluate_model(apply_fn: ApplyFn, variables: Any, source: data.Source,
+                   settings: EvalSettings, *, names=tuple(ATTACK_LABELS), mesh=None,
+                   desc: str = "") -> tuple[dict[str, float], dict[str, float]]:
+  """Accuracy under each named attack at `settings.eps`: `(accuracies, seconds per attack)`."""
+  results, seconds = {}, {}
+  for name in names:
+    tic = time.perf_counter()
+    results[name] = robust_accuracy(
+        apply_fn, variables, source, attack_fn(name, settings), eps=settings.eps,
+        batch_size=settings.batch_size, mesh=mesh, max_examples=settings.max_examples,
+        desc=f"{desc} {ATTACK_LABELS[name]}".strip())[0]
+    seconds[name] = time.perf_counter() - tic
+  return results, seconds
+
+
+def eps_curve(apply_fn: ApplyFn, variables: Any, source: data.Source, settings: EvalSettings,
+              eps_values, *, mesh=None, desc: str = "") -> list[float]:
+  """PGD accuracy at each eps (step size scaled with eps)."""
+  return robust_accuracy(apply_fn, variables, source, attack_fn("pgd20", settings),
+                         eps=list(eps_values), batch_size=settings.batch_size, mesh=mesh,
+                         max_examples=settings.max_examples, desc=f"{desc} eps sweep".strip())
+
+
+def logits_fn(module) -> ApplyFn:
+  return lambda variables, x: module.apply(variables, x, train=False)[0]
+
+
+def test_source(config: ConfigDict, split: str = "test") -> data.Source:
+  return data.build(config.data.name, split, image_size=config.data.image_size or None,
+                    channels=config.data.channels or None, data_dir=config.data.data_dir or None,
+                    num_examples=config.data.num_examples or None,
+                    num_classes=config.data.num_classes or None, seed=config.seed)
+
+
+def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False) -> dict[str, Any]:
+  """Evaluate the run in `workdir` on the test split of `config.data`.
+
+  Writes `eval.json` (`{"clean": .., "fgsm": .., "pgd20": .., "cw": ..}`, accuracies in [0, 1])
+  and `eval.md` (a table with the time per attack) into the workdir, and returns the accuracies
+  (and, with `curve`, the PGD accuracy per eps of `config.eval.eps_curve` under 'eps_curve').
+  """
+  config_lib.validate(config)
+  module, variables = checkpoints.load_model(workdir)
+  source = test_source(config)
+  settings = EvalSettings.from_config(config.eval)
+  name = pathlib.Path(workdir).name
+  results, seconds = evaluate_model(logits_fn(module), variables, source, settings, desc=name)
+  workdir = pathlib.Path(workdir)
+  checkpoints.write_json(workdir / "eval.json", results)
+  rows = [{"attack": ATTACK_LABELS[k], "accuracy (%)": f"{100 * v:.2f}",
+           "time (s)": f"{seconds[k]:.1f}"} for k, v in results.items()]
+  (workdir / "eval.md").write_text(
+      f"# Evaluation of {workdir}\n\n{config.data.name} test split, eps = {settings.eps:.4f} "
+      f"(Linf), {config.model.name}\n\n" + report.markdown_table(rows) + "\n")
+  out: dict[str, Any] = dict(results)
+  if curve:
+    out["eps_curve"] = eps_curve(logits_fn(module), variables, source, settings,
+                                 config.eval.eps_curve, desc=name)
+  return out
+
+
+def read_results(workdir: str) -> Optional[dict]:
+  path = pathlib.Path(workdir) / "eval.json"
+  return json.loads(path.read_text()) if path.exists() else None

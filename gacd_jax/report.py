@@ -1,0 +1,38 @@
+"""Readable output: markdown tables and PNG plots."""
+
+import os
+from typing import Sequence
+
+
+def markdown_table(rows: Sequence[dict], columns: Sequence[str] | None = None) -> str:
+  """A GitHub markdown table from a list of dicts (columns default to the first row's keys)."""
+  if not rows:
+    return ""
+  columns = list(columns or rows[0].keys())
+  cells = [[str(row.get(c, "")) for c in columns] for row in rows]
+  widths = [max(len(c), *(len(r[i]) for r in cells)) for i, c in enumerate(columns)]
+  def line(values):
+    return "| " + " | ".join(v.ljust(w) for v, w in zip(values, widths)) + " |"
+  out = [line(columns), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
+  out += [line(r) for r in cells]
+  return "\n".join(out)
+
+
+def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path: str | os.PathLike,
+                *, xlabel: str, ylabel: str, title: str = "", x_scale: float = 1.0) -> None:
+  """One line per entry of `curves` (`name -> (x values, y values)`), written as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+  for name, (xs, ys) in curves.items():
+    ax.plot([x * x_scale for x in xs], ys, marker="o", label=name)
+  ax.set_xlabel(xlabel)
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3)
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)

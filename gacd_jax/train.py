@@ -1,0 +1,435 @@
+"""Training: the pure step, the optimizer, and the loop that checkpoints, logs and resumes.
+
+The train state is a plain dict pytree:
+  step          int32 scalar
+  params        {'student': student params, 'method': the method's own trainable params}
+  batch_stats   the student's BatchNorm statistics
+  opt_state     optax state over `params`
+  method_state  what the method carries between steps (e.g. memory banks)
+The teacher's variables are a separate, frozen argument of the step: never in the optimizer,
+never checkpointed with the student.
+"""
+
+import dataclasses
+import json
+import math
+import pathlib
+import shutil
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import logging
+from ml_collections import ConfigDict
+
+from gacd_jax import attacks
+from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
+from gacd_jax import data
+from gacd_jax import errors
+from gacd_jax import losses
+from gacd_jax import methods
+from gacd_jax import models
+from gacd_jax import sharding
+from gacd_jax.methods import Context, InitInfo, Method
+
+PyTree = Any
+State = dict[str, Any]
+
+# Keys that may change between a run and its resumption (more epochs, other logging cadence).
+RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every",
+                     "train.keep_checkpoints", "eval")
+
+
+class NonFiniteLossError(errors.GacdError):
+  """The loss became NaN or infinite."""
+
+
+# ---------------------------------------------------------------------------------------------
+# The pure step.
+
+
+class StudentForward:
+  """`x -> (logits, features)` in train mode, threading BatchNorm statistics through calls.
+
+  Each call uses the statistics left by the previous one, like consecutive PyTorch forwards in
+  train mode. It holds Python state only within one trace of the step; the step returns the final
+  statistics, so the step itself stays pure.
+  """
+
+  def __init__(self, model, params: PyTree, batch_stats: PyTree):
+    self._model = model
+    self._params = params
+    self.batch_stats = batch_stats
+
+  def __call__(self, x: jax.Array):
+    outputs, updates = self._model.apply(
+        {"params": self._params, "batch_stats": self.batch_stats}, x, train=True,
+        mutable=["batch_stats"])
+    self.batch_stats = updates.get("batch_stats", self.batch_stats)
+    return outputs
+
+
+def attack_forward(model, params: PyTree, batch_stats: PyTree, bn_mode: str):
+  """The student during the attack: running statistics ('eval') or batch statistics that are
+  computed but not kept ('train')."""
+  variables = {"params": params, "batch_stats": batch_stats}
+  if bn_mode == "eval":
+    return lambda x: model.apply(variables, x, train=False)
+  return lambda x: model.apply(variables, x, train=True, mutable=["batch_stats"])[0]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttackSettings:
+  """The training attack, resolved from `config.attack` and the method's defaults."""
+  eps: float
+  step_size: float
+  steps: int
+  norm: str
+  start: str
+  bn_mode: str
+  unroll: bool
+
+  @classmethod
+  def resolve(cls, attack_config: ConfigDict, method: Method) -> "AttackSettings":
+    return cls(eps=attack_config.eps, step_size=attack_config.step_size,
+               steps=attack_config.steps, norm=attack_config.norm,
+               start=method.attack_start if attack_config.start == "method" else
+               attack_config.start,
+               bn_mode=method.attack_bn if attack_config.bn_mode == "method" else
+               attack_config.bn_mode,
+               unroll=attack_config.unroll)
+
+
+def make_step(model, method: Method, tx: optax.GradientTransformation, attack: AttackSettings,
+              teacher_model=None, *, crop_padding: int = 4, flip: bool = True) -> Callable:
+  """The pure train step `(state, teacher_variables, batch, rng) -> (state, metrics)`.
+
+  `batch` holds 'image' `[B, H, W, C]` in [0, 1], 'label' `[B]`, 'index' `[B]`; augmentation
+  happens here, keyed by the step, so a resumed run sees the same crops. `rng` is the run's base
+  key; the step folds in its step number. `metrics` are scalars: every loss term, accuracies,
+  the gradient norm.
+  """
+
+  def teacher_forward(teacher_variables, x):
+    return jax.lax.stop_gradient(teacher_model.apply(teacher_variables, x, train=False))
+
+  def step(state: State, teacher_variables: PyTree, batch: dict, rng: jax.Array):
+    rng = jax.random.fold_in(rng, state["step"])
+    augment_rng, attack_rng, objective_rng, loss_rng = jax.random.split(rng, 4)
+    images = data.augment(augment_rng, batch["image"], pad=crop_padding, flip=flip)
+    batch = dict(batch, image=images)
+
+    teacher = teacher_clean = None
+    if method.uses_teacher:
+      teacher = lambda x: teacher_forward(teacher_variables, x)
+      teacher_clean = teacher(images)
+
+    def context(student, params, rng_):
+      return Context(student=student, teacher=teacher, teacher_clean=teacher_clean, batch=batch,
+                     params=params, state=state["method_state"], rng=rng_, step=state["step"])
+
+    x_adv = None
+    if method.objective is not None:
+      student = attack_forward(model, state["params"]["student"], state["batch_stats"],
+                               attack.bn_mode)
+      objective = method.objective(context(student, state["params"]["method"], objective_rng))
+      x_adv = attacks.pgd(objective, images, attack_rng, eps=attack.eps,
+                          step_size=attack.step_size, steps=attack.steps, norm=attack.norm,
+                          start=attack.start, unroll=attack.unroll)
+
+    def loss_fn(params):
+      student = StudentForward(model, params["student"], state["batch_stats"])
+      loss, metrics, method_state = method.loss(
+          context(student, params["method"], loss_rng), x_adv)
+      return loss, (metrics, method_state, student.batch_stats)
+
+    (loss, (metrics, method_state, batch_stats)), grads = jax.value_and_grad(
+        loss_fn, has_aux=True)(state["params"])
+    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+
+    metrics = dict(metrics)
+    for kind in ("clean", "adv"):
+      logits = metrics.pop(f"logits_{kind}", None)
+      if logits is not None:
+        metrics[f"{kind}_acc"] = losses.accuracy(logits, batch["label"])
+    metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+    new_state = dict(step=state["step"] + 1, params=params, batch_stats=batch_stats,
+                     opt_state=opt_state, method_state=method_state)
+    return new_state, metrics
+
+  return step
+
+
+def jit_step(step: Callable, mesh) -> Callable:
+  """One `jax.jit` over the mesh: batch split on `data`, everything else replicated, the state
+  donated."""
+  replicated = sharding.replicated(mesh)
+  return jax.jit(step, in_shardings=(replicated, replicated, sharding.batch_sharding(mesh),
+                                     replicated),
+                 out_shardings=(replicated, replicated), donate_argnums=(0,))
+
+
+# ---------------------------------------------------------------------------------------------
+# Optimizer and state.
+
+
+def learning_rate(optim_config: ConfigDict, steps_per_epoch: int, total_steps: int):
+  lr = optim_config.lr
+  if optim_config.schedule == "constant":
+    return optax.constant_schedule(lr)
+  if optim_config.schedule == "cosine":
+    return optax.cosine_decay_schedule(lr, decay_steps=total_steps)
+  boundaries = {int(epoch * steps_per_epoch): optim_config.decay_factor
+                for epoch in optim_config.milestones}
+  return optax.piecewise_constant_schedule(lr, boundaries)
+
+
+def make_optimizer(optim_config: ConfigDict, steps_per_epoch: int,
+                   total_steps: int) -> optax.GradientTransformation:
+  """SGD with momentum and coupled weight decay (the gradient gets `wd * param` before momentum),
+  as `torch.optim.SGD(weight_decay=...)` does."""
+  return optax.chain(
+      optax.add_decayed_weights(optim_config.weight_decay),
+      optax.sgd(learning_rate(optim_config, steps_per_epoch, total_steps),
+                momentum=optim_config.momentum or None, nesterov=optim_config.nesterov))
+
+
+def init_state(rng: jax.Array, model, method: Method, tx, image_shape: tuple[int, ...],
+               info: InitInfo) -> State:
+  model_rng, method_rng = jax.random.split(rng)
+  variables = model.init(model_rng, jnp.zeros((1, *image_shape), jnp.float32), train=False)
+  method_params, method_state = method.init(method_rng, info)
+  params = {"student": variables["params"], "method": method_params}
+  return dict(step=jnp.zeros((), jnp.int32), params=params,
+              batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+              method_state=method_state)
+
+
+# ---------------------------------------------------------------------------------------------
+# The teacher.
+
+
+@dataclasses.dataclass(frozen=True)
+class Teacher:
+  model: Any
+  variables: PyTree
+  num_classes: int
+  feature_dim: int
+  record: dict  # what run.json records: path, architecture, content hash
+
+
+def load_teacher(config: ConfigDict, image_shape: tuple[int, ...]) -> Teacher:
+  """Load and check the teacher named by `config.teacher`."""
+  workdir = config.teacher.workdir
+  if not workdir:
+    raise errors.ConfigError(
+        f"method {config.method.name!r} distils from a teacher: set --config.teacher.workdir to "
+        "a run directory (train one, e.g. with --config.method.name=pgd_at, or convert a PyTorch "
+        "checkpoint with `gacd-jax import-teacher`)")
+  teacher_config = checkpoints.read_config(workdir)
+  expected = config.teacher.model
+  if expected and teacher_config.model.name != expected:
+    raise errors.CheckpointError(
+        f"the teacher in {workdir} is a {teacher_config.model.name}, but config.teacher.model "
+        f"says {expected!r}; point --config.teacher.workdir at a {expected} run or change "
+        "config.teacher.model")
+  module, variables = checkpoints.load_model(workdir)
+  info = checkpoints.read_run_info(workdir)
+  if tuple(info["image_shape"])[-1] != image_shape[-1]:
+    raise errors.ConfigError(
+        f"the teacher in {workdir} takes {info['image_shape'][-1]}-channel images but the data "
+        f"has {image_shape[-1]} channels; set config.data.channels to match")
+  x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
+  _, features = jax.eval_shape(lambda: module.apply(variables, x, train=False))
+  record = {"workdir": str(pathlib.Path(workdir).absolute()), "model": teacher_config.model.name,
+            "sha256": checkpoints.content_hash(variables)}
+  return Teacher(module, variables, info["num_classes"], int(features.shape[-1]), record)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop.
+
+
+def _flatten(d: dict, prefix: str = "") -> dict:
+  out = {}
+  for k, v in d.items():
+    key = f"{prefix}{k}"
+    if isinstance(v, dict):
+      out.update(_flatten(v, key + "."))
+    else:
+      out[key] = v
+  return out
+
+
+def config_differences(old: dict, new: dict) -> list[str]:
+  """Config keys whose values differ, ignoring those a resumed run may change."""
+  old_flat, new_flat = _flatten(old), _flatten(new)
+  keys = sorted(old_flat.keys() | new_flat.keys())
+  return [k for k in keys if old_flat.get(k) != new_flat.get(k)
+          and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
+
+
+def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) -> None:
+  """Refuse a workdir holding another config's run, unless told to overwrite it."""
+  config_path = workdir / checkpoints.CONFIG_FILE
+  new = json.loads(config_lib.to_json(config))
+  if config_path.exists():
+    diffs = config_differences(checkpoints.read_json(config_path), new)
+    if diffs and not overwrite:
+      raise errors.ConfigError(
+          f"{workdir} holds a run with a different config (differs in: {', '.join(diffs[:10])}); "
+          "use another --workdir, or pass --overwrite to replace that run")
+    if diffs:
+      for name in (checkpoints.CHECKPOINT_DIR,):
+        shutil.rmtree(workdir / name, ignore_errors=True)
+      for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval.json", "eval.md"):
+        for path in workdir.glob(pattern):
+          path.unlink()
+  workdir.mkdir(parents=True, exist_ok=True)
+  checkpoints.write_json(config_path, new)
+
+
+class MetricsLog:
+  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+
+  def __init__(self, workdir: pathlib.Path):
+    self._enabled = jax.process_index() == 0
+    if self._enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._jsonl = open(workdir / "metrics.jsonl", "a")
+      self._tb = SummaryWriter(str(workdir))
+
+  def write(self, step: int, metrics: dict[str, float]) -> None:
+    if not self._enabled:
+      return
+    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
+    self._jsonl.flush()
+    for k, v in metrics.items():
+      self._tb.add_scalar(f"train/{k}", v, step)
+
+  def close(self) -> None:
+    if self._enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def _progress(total: int, initial: int, desc: str, enabled: bool):
+  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+  return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
+              disable=not enabled or jax.process_index() != 0)
+
+
+def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
+          progress: bool = True, stop_after: Optional[int] = None) -> dict[str, float]:
+  """Train (or resume) the run in `workdir`; return the last logged metrics.
+
+  `stop_after` ends the loop after that global step (as if the process were killed there, but
+  with a checkpoint); the next call resumes from it.
+  """
+  config_lib.validate(config)
+  workdir = pathlib.Path(workdir)
+  prepare_workdir(workdir, config, overwrite)
+
+  source = data.build(config.data.name, "train", image_size=config.data.image_size or None,
+                      channels=config.data.channels or None, data_dir=config.data.data_dir or None,
+                      num_examples=config.data.num_examples or None,
+                      num_classes=config.data.num_classes or None, seed=config.seed)
+  mesh = sharding.make_mesh()
+  global_batch = config.train.batch_size
+  sharding.check_batch_size(global_batch, mesh)
+  steps_per_epoch = data.steps_per_epoch(source.num_examples, global_batch)
+  total_steps = steps_per_epoch * config.train.epochs
+
+  method = methods.build(config.method)
+  model = models.build(config.model.name, source.num_classes,
+                       **config_lib.model_kwargs(config.model))
+  teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
+  checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
+      "image_shape": list(source.image_shape), "num_classes": source.num_classes,
+      "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
+      "teacher": teacher.record if teacher else None})
+
+  tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
+  info = InitInfo(num_examples=source.num_examples, num_classes=source.num_classes,
+                  student_feature_dim=models.feature_dim(model, source.image_shape),
+                  teacher_feature_dim=teacher.feature_dim if teacher else None,
+                  teacher_num_classes=teacher.num_classes if teacher else None)
+  replicated = sharding.replicated(mesh)
+  init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
+                 out_shardings=replicated)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+
+  start_step = checkpoints.latest_step(workdir) or 0
+  if start_step:
+    abstract = jax.eval_shape(init, init_rng)
+    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
+                            abstract)
+    start_step, state = checkpoints.restore(workdir, abstract)
+    logging.info("resuming %s from step %d", workdir, start_step)
+  else:
+    state = init(init_rng)
+  teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
+
+  step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
+                               teacher.model if teacher else None,
+                               crop_padding=config.data.crop_padding, flip=config.data.flip),
+                     mesh)
+  batch_sharding = sharding.batch_sharding(mesh)
+  end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+  log = MetricsLog(workdir)
+  last: dict[str, float] = {}
+  pending: list[tuple[int, dict]] = []
+  step = start_step
+  bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
+  try:
+    with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
+      tic = time.perf_counter()
+      while step < end_step:
+        epoch = step // steps_per_epoch
+        batches = data.train_batches(
+            source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
+            start_step=step % steps_per_epoch, process_index=jax.process_index(),
+            process_count=jax.process_count())
+        for batch in batches:
+          state, metrics = step_fn(state, teacher_variables,
+                                   data.to_global(batch, batch_sharding), step_rng)
+          pending.append((step, metrics))
+          step += 1
+          bar.update(1)
+          done = step >= end_step
+          save = step % config.train.checkpoint_every == 0 or done
+          # Metrics are checked before every save, so a non-finite state is never checkpointed.
+          if step % config.train.log_every == 0 or save:
+            last = _flush(pending, log, bar, tic)
+            pending, tic = [], time.perf_counter()
+          if save:
+            checkpoints.save(mngr, step, state)
+          if done:
+            break
+      mngr.wait_until_finished()
+  finally:
+    bar.close()
+    log.close()
+  return last
+
+
+def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) -> dict[str, float]:
+  """Read the pending steps' metrics from the device, stop on a non-finite loss, log the mean."""
+  fetched = jax.device_get([m for _, m in pending])
+  for (step, _), metrics in zip(pending, fetched):
+    if not math.isfinite(float(metrics["loss"])):
+      raise NonFiniteLossError(
+          f"the loss became {float(metrics['loss'])} at step {step}; lower config.optim.lr or "
+          "check the data (the last checkpoint before it is kept)")
+  mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+  mean["steps_per_s"] = len(pending) / max(time.perf_counter() - tic, 1e-9)
+  log.write(pending[-1][0] + 1, mean)
+  bar.set_postfix(loss=f"{mean['loss']:.3f}",
+                  **{k: f"{mean[k]:.3f}" for k in ("clean_acc", "adv_acc") if k in mean})
+  return mean

@@ -1,0 +1,99 @@
+"""The composable PGD: threat-model constraints, loss increase, and FGSM as a special case."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from gacd_jax import attacks
+from gacd_jax import errors
+from gacd_jax import losses
+
+
+@pytest.fixture(scope="module")
+def linear_model():
+  """A softmax classifier trained on digits by plain gradient descent: `x [B, 8, 8, 1] -> logits`."""
+  digits = load_digits()
+  x = jnp.asarray(digits.images[:600, :, :, None] / 16.0, jnp.float32)
+  y = jnp.asarray(digits.target[:600])
+
+  def apply(w, xx):
+    return xx.reshape(xx.shape[0], -1) @ w["kernel"] + w["bias"]
+
+  w = {"kernel": jnp.zeros((64, 10)), "bias": jnp.zeros(10)}
+  grad = jax.jit(jax.grad(lambda w: losses.cross_entropy(apply(w, x), y).mean()))
+  for _ in range(200):
+    w = jax.tree.map(lambda p, g: p - 0.5 * g, w, grad(w))
+  assert losses.accuracy(apply(w, x), y) > 0.9
+  return (lambda xx: apply(w, xx)), x[:64], y[:64]
+
+
+@pytest.mark.parametrize("norm,start", [("linf", "uniform"), ("linf", "gaussian"),
+                                        ("linf", "none"), ("l2", "uniform"), ("l2", "none")])
+def test_pgd_stays_in_the_ball_and_the_image_range(linear_model, norm, start):
+  f, x, y = linear_model
+  eps = 0.1 if norm == "linf" else 0.5
+  x_adv = attacks.pgd(attacks.cross_entropy_objective(f, y), x, jax.random.key(0), eps=eps,
+                      step_size=eps / 3, steps=5, norm=norm, start=start)
+  x_adv, x = np.asarray(x_adv), np.asarray(x)
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  delta = (x_adv - x).reshape(len(x), -1)
+  if norm == "linf":
+    assert np.abs(delta).max() <= eps + 1e-6
+  else:
+    assert np.linalg.norm(delta, axis=1).max() <= eps + 1e-5
+  assert np.abs(delta).max() > 0  # it moved
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_pgd_raises_the_loss_of_a_trained_model(linear_model, norm):
+  f, x, y = linear_model
+  eps = 0.1 if norm == "linf" else 1.0
+  x_adv = attacks.pgd(attacks.cross_entropy_objective(f, y), x, jax.random.key(1), eps=eps,
+                      step_size=eps / 4, steps=10, norm=norm)
+  clean, adv = losses.cross_entropy(f(x), y).mean(), losses.cross_entropy(f(x_adv), y).mean()
+  assert adv > clean + 0.5
+  assert losses.accuracy(f(x_adv), y) < losses.accuracy(f(x), y)
+
+
+def test_fgsm_equals_one_signed_step_from_the_clean_input(linear_model):
+  f, x, y = linear_model
+  eps = 0.07
+  g = jax.grad(lambda xx: losses.cross_entropy(f(xx), y).sum())(x)
+  expected = np.clip(np.asarray(x) + eps * np.sign(np.asarray(g)), 0.0, 1.0)
+  got = attacks.fgsm(attacks.cross_entropy_objective(f, y), x, eps=eps)
+  np.testing.assert_allclose(got, expected, atol=1e-6)
+  got_pgd = attacks.pgd(attacks.cross_entropy_objective(f, y), x, eps=eps, step_size=eps,
+                        steps=1, start="none")
+  np.testing.assert_array_equal(got, got_pgd)
+
+
+def test_rolled_and_unrolled_loops_agree(linear_model):
+  f, x, y = linear_model
+  kw = dict(eps=0.1, step_size=0.03, steps=4)
+  a = attacks.pgd(attacks.margin_objective(f, y), x, jax.random.key(2), unroll=True, **kw)
+  b = attacks.pgd(attacks.margin_objective(f, y), x, jax.random.key(2), unroll=False, **kw)
+  np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_output_is_behind_stop_gradient(linear_model):
+  f, x, y = linear_model
+  def through(xx):
+    return attacks.pgd(attacks.cross_entropy_objective(f, y), xx, eps=0.1, step_size=0.05,
+                       steps=2, start="none").sum()
+  assert float(jnp.abs(jax.grad(through)(x)).sum()) == 0.0
+
+
+@pytest.mark.parametrize("eps", [-0.1, 1.5, "8/255"])
+def test_eps_outside_unit_interval_is_a_config_error(linear_model, eps):
+  f, x, y = linear_model
+  with pytest.raises(errors.ConfigError, match=r"\[0, 1\]"):
+    attacks.pgd(attacks.cross_entropy_objective(f, y), x, eps=eps, step_size=0.1, steps=1)
+
+
+def test_unknown_start_is_a_config_error(linear_model):
+  f, x, y = linear_model
+  with pytest.raises(errors.ConfigError, match="uniform"):
+    attacks.pgd(attacks.cross_entropy_objective(f, y), x, eps=0.1, step_size=0.1, steps=1,
+                start="zeros")
