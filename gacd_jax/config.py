@@ -12,6 +12,7 @@ from ml_collections import ConfigDict
 from gacd_jax import attacks
 from gacd_jax import errors
 from gacd_jax import losses
+from gacd_jax import methods
 
 
 def default() -> ConfigDict:
@@ -42,7 +43,8 @@ def default() -> ConfigDict:
   c.method = ConfigDict()
   c.method.name = "pgd_at"
   c.method.kl_reduction = "batchmean"  # or 'mean' (over batch x classes, as ARD/RSLAD code)
-  c.method.ard = ConfigDict({"alpha": 1.0, "temperature": 30.0})
+  for name, switches in methods.defaults().items():
+    c.method[name] = switches
 
   # The training attack. 'method' picks the start and BatchNorm mode of the method's public code.
   c.attack = ConfigDict()
@@ -101,7 +103,7 @@ def _positive(value, key):
 
 def validate(c: ConfigDict) -> None:
   """Raise `ConfigError` naming the key for anything out of range or unknown."""
-  from gacd_jax import data, methods, models  # pylint: disable=g-import-not-at-top
+  from gacd_jax import data, models  # pylint: disable=g-import-not-at-top
   if c.model.name not in models.names():
     raise errors.ConfigError(
         f"unknown model {c.model.name!r}; known models: {', '.join(models.names())}")

@@ -355,7 +355,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
       "teacher": teacher.record if teacher else None})
 
   tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
-  info = InitInfo(num_examples=source.num_examples, num_classes=source.num_classes,
+  info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
+                  num_classes=source.num_classes,
                   student_feature_dim=models.feature_dim(model, source.image_shape),
                   teacher_feature_dim=teacher.feature_dim if teacher else None,
                   teacher_num_classes=teacher.num_classes if teacher else None)
@@ -417,6 +418,13 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     bar.close()
     log.close()
   return last
+
+
+def all_labels(source: data.Source, chunk: int = 4096) -> np.ndarray:
+  """The label of every example of `source`, by index: `[num_examples]` int32."""
+  return np.concatenate([
+      source.get(np.arange(i, min(i + chunk, source.num_examples)))["label"]
+      for i in range(0, source.num_examples, chunk)]).astype(np.int32)
 
 
 def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) -> dict[str, float]:

@@ -1,7 +1,8 @@
 """The method registry: a method is chosen by `config.method.name`.
 
-To add a method, write a factory `ConfigDict -> Method` (see `base.py`) and add one line to
-`REGISTRY`; put its switches under `config.method.<name>` in `gacd_jax/config.py`.
+To add a method, write a factory `ConfigDict -> Method` (see `base.py`), add it to its module's
+`REGISTRY`, and put its switches in that module's `DEFAULTS`: they appear in every config as
+`config.method.<name>.<switch>`, settable from the command line.
 """
 
 from ml_collections import ConfigDict
@@ -10,11 +11,13 @@ from gacd_jax import errors
 from gacd_jax.methods import baselines
 from gacd_jax.methods.base import Context, InitInfo, Method, MethodFactory
 
-REGISTRY: dict[str, MethodFactory] = {
-    "natural": baselines.natural,
-    "pgd_at": baselines.pgd_at,
-    "ard": baselines.ard,
-}
+_MODULES = (baselines,)
+REGISTRY: dict[str, MethodFactory] = {k: v for m in _MODULES for k, v in m.REGISTRY.items()}
+
+
+def defaults() -> ConfigDict:
+  """Every method's switches: `{method name: {switch: default}}`."""
+  return ConfigDict({k: v for m in _MODULES for k, v in m.DEFAULTS.items()})
 
 
 def names() -> list[str]:
@@ -31,4 +34,4 @@ def build(method_config: ConfigDict) -> Method:
   return REGISTRY[name](method_config)
 
 
-__all__ = ["Context", "InitInfo", "Method", "build", "names", "REGISTRY"]
+__all__ = ["Context", "InitInfo", "Method", "build", "defaults", "names", "REGISTRY"]

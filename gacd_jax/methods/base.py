@@ -18,6 +18,7 @@ import dataclasses
 from typing import Any, Callable, Literal, Optional
 
 import jax
+import numpy as np
 from ml_collections import ConfigDict
 
 PyTree = Any
@@ -53,8 +54,13 @@ class Context:
 
 @dataclasses.dataclass(frozen=True)
 class InitInfo:
-  """What `Method.init` may size its parameters and state by."""
+  """What `Method.init` may size its parameters and state by.
+
+  `train_labels` `[num_examples]` int32 holds the label of every training example by dataset index
+  (e.g. to draw contrastive negatives from other classes).
+  """
   num_examples: int
+  train_labels: np.ndarray
   num_classes: int
   student_feature_dim: int
   teacher_feature_dim: Optional[int]

@@ -1,4 +1,8 @@
-"""Baselines whose public code pins them down exactly (METHODS.md section 5)."""
+"""Baselines whose public code pins them down exactly (METHODS.md section 5).
+
+`REGISTRY` maps a method name to its factory; `DEFAULTS` holds each method's switches, which
+become `config.method.<name>` in every config.
+"""
 
 import jax
 from ml_collections import ConfigDict
@@ -66,3 +70,7 @@ def ard(cfg: ConfigDict) -> Method:
 
   return Method("ard", loss, objective, attack_start="uniform", attack_bn="train",
                 uses_teacher=True)
+
+
+REGISTRY = {"natural": natural, "pgd_at": pgd_at, "ard": ard}
+DEFAULTS = {"ard": {"alpha": 1.0, "temperature": 30.0}}
