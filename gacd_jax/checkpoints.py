@@ -151,7 +151,7 @@ def load_model(workdir: str | os.PathLike) -> tuple[Any, dict]:
         f"the checkpoint in {workdir} has no student parameters; it was not written by "
         "gacd-jax train or import-teacher") from e
   x = jax.ShapeDtypeStruct((1, *info["image_shape"]), np.float32)
-  expected = jax.eval_shape(lambda: module.init(jax.random.key(0), x, train=False))
+  expected = jax.eval_shape(lambda x: module.init(jax.random.key(0), x, train=False), x)
   expected = {"params": expected["params"], "batch_stats": expected.get("batch_stats", {})}
   problems = shape_mismatches(expected, variables)
   if problems:

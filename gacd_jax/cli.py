@@ -25,6 +25,10 @@ commands:
              evaluate them, and write report.md and robustness.png
   train      train (or resume) a run:  --config FILE --workdir DIR [--config.key=value ...]
   evaluate   evaluate a run on the test split:  --config FILE --workdir DIR
+  import-teacher  convert a PyTorch checkpoint (.pt, .pth, .safetensors) into a teacher run:
+             --arch NAME --torch_checkpoint FILE --out DIR [--num_classes 10] [--image_size 32]
+             [--channels 3] [--model_option KEY=INT ...]  (e.g. --arch wrn34_10 for TRADES)
+  export-torch  write a run's model as a PyTorch state_dict:  --workdir DIR --out FILE.pt
 
 `gacd-jax COMMAND --help` lists a command's flags.
 """
@@ -74,6 +78,49 @@ def _run_demo():
   print(table)
 
 
+def _define_import_teacher():
+  flags.DEFINE_string("arch", None, "architecture of the checkpoint, e.g. wrn34_10 or resnet18",
+                      required=True)
+  # absl does not read dashes as underscores: the flag is spelt --torch_checkpoint.
+  flags.DEFINE_string("torch_checkpoint", None, "PyTorch weights: .pt / .pth (read with "
+                      "weights_only=True, so pickled code is refused) or .safetensors",
+                      required=True)
+  flags.DEFINE_string("out", None, "new or empty directory for the teacher run", required=True)
+  flags.DEFINE_integer("num_classes", 10, "number of classes of the checkpoint's linear head")
+  flags.DEFINE_integer("image_size", 32, "height and width of the images the teacher takes")
+  flags.DEFINE_integer("channels", 3, "channels of the images the teacher takes")
+  flags.DEFINE_multi_string("model_option", [], "a model option KEY=INT, repeatable, e.g. "
+                            "--model_option=depth=28 --model_option=widen_factor=10 for wrn")
+
+
+def _run_import_teacher():
+  from gacd_jax import torch_convert  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  model_kw = {}
+  for option in f.model_option:
+    key, _, value = option.partition("=")
+    try:
+      model_kw[key] = int(value)
+    except ValueError:
+      raise errors.ConfigError(
+          f"--model_option={option!r} must look like KEY=INT, e.g. depth=28") from None
+  torch_convert.import_teacher(f.arch, f.torch_checkpoint, f.out, num_classes=f.num_classes,
+                               image_shape=(f.image_size, f.image_size, f.channels), **model_kw)
+  print(f"wrote a {f.arch} teacher to {f.out}; use it with --config.teacher.workdir={f.out}")
+
+
+def _define_export_torch():
+  flags.DEFINE_string("workdir", None, "run directory whose model to export", required=True)
+  flags.DEFINE_string("out", None, "file to write: .safetensors, or anything else for torch.save",
+                      required=True)
+
+
+def _run_export_torch():
+  from gacd_jax import torch_convert  # pylint: disable=g-import-not-at-top
+  torch_convert.export_torch(flags.FLAGS.workdir, flags.FLAGS.out)
+  print(f"wrote the model of {flags.FLAGS.workdir} to {flags.FLAGS.out}")
+
+
 def _required_config():
   config = flags.FLAGS.config
   if config is None:
@@ -85,6 +132,8 @@ COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "demo": (_define_demo, _run_demo),
     "train": (_define_train, _run_train),
     "evaluate": (_define_evaluate, _run_evaluate),
+    "import-teacher": (_define_import_teacher, _run_import_teacher),
+    "export-torch": (_define_export_torch, _run_export_torch),
 }
 
 

@@ -31,8 +31,8 @@ def default() -> ConfigDict:
   c.data.image_size = 0      # 0: the dataset's own size
   c.data.channels = 0        # 0: the dataset's own channel count
   c.data.data_dir = ""       # tfds data_dir; '' for tfds' default
-  c.data.num_examples = 0    # synthetic only; 0: its default
-  c.data.num_classes = 0     # synthetic only; 0: its default
+  c.data.num_examples = 0    # use the first N examples of each split (synthetic: make N); 0: all
+  c.data.num_classes = 0     # synthetic: how many classes; others: must match; 0: the dataset's
   c.data.crop_padding = 4    # random crop after zero padding; 0 turns it off
   c.data.flip = True
 

@@ -85,7 +85,7 @@ def run(workdir: str, *, smoke: bool = False, progress: bool = True) -> str:
   minutes = (time.perf_counter() - tic) / 60
 
   rows = [{"model": name, "method": configs[name].method.name,
-           "params": configs[name].model.name + f" w={configs[name].model.small_cnn.width}",
+           "architecture": configs[name].model.name + f" (width {configs[name].model.small_cnn.width})",
            **{evaluate.ATTACK_LABELS[k]: f"{100 * r[k]:.1f}" for k in evaluate.ATTACK_LABELS}}
           for name, r in results.items()]
   table = report.markdown_table(rows)

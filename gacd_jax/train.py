@@ -115,7 +115,9 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
   """
 
   def teacher_forward(teacher_variables, x):
-    return jax.lax.stop_gradient(teacher_model.apply(teacher_variables, x, train=False))
+    # The variables, not the outputs, are frozen: an attack may differentiate through the teacher
+    # with respect to its input (AdaAD), while no gradient ever reaches the teacher's parameters.
+    return teacher_model.apply(jax.lax.stop_gradient(teacher_variables), x, train=False)
 
   def step(state: State, teacher_variables: PyTree, batch: dict, rng: jax.Array):
     rng = jax.random.fold_in(rng, state["step"])
@@ -126,7 +128,7 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
     teacher = teacher_clean = None
     if method.uses_teacher:
       teacher = lambda x: teacher_forward(teacher_variables, x)
-      teacher_clean = teacher(images)
+      teacher_clean = jax.lax.stop_gradient(teacher(images))
 
     def context(student, params, rng_):
       return Context(student=student, teacher=teacher, teacher_clean=teacher_clean, batch=batch,
@@ -157,7 +159,7 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
       logits = metrics.pop(f"logits_{kind}", None)
       if logits is not None:
         metrics[f"{kind}_acc"] = losses.accuracy(logits, batch["label"])
-    metrics.update(loss=loss, grad_norm=optax.global_norm(grads))
+    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
     new_state = dict(step=state["step"] + 1, params=params, batch_stats=batch_stats,
                      opt_state=opt_state, method_state=method_state)
     return new_state, metrics
@@ -245,7 +247,7 @@ def load_teacher(config: ConfigDict, image_shape: tuple[int, ...]) -> Teacher:
         f"the teacher in {workdir} takes {info['image_shape'][-1]}-channel images but the data "
         f"has {image_shape[-1]} channels; set config.data.channels to match")
   x = jax.ShapeDtypeStruct((1, *image_shape), jnp.float32)
-  _, features = jax.eval_shape(lambda: module.apply(variables, x, train=False))
+  _, features = jax.eval_shape(lambda x: module.apply(variables, x, train=False), x)
   record = {"workdir": str(pathlib.Path(workdir).absolute()), "model": teacher_config.model.name,
             "sha256": checkpoints.content_hash(variables)}
   return Teacher(module, variables, info["num_classes"], int(features.shape[-1]), record)
@@ -356,6 +358,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
   info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
+                  steps_per_epoch=steps_per_epoch,
                   num_classes=source.num_classes,
                   student_feature_dim=models.feature_dim(model, source.image_shape),
                   teacher_feature_dim=teacher.feature_dim if teacher else None,

@@ -10,8 +10,9 @@ A method is three pure pieces, bundled in a `Method`:
 The step builds a `Context` for each piece. `ctx.student(x)` runs the student; during the attack it
 uses the BatchNorm mode the method asks for (running statistics, or batch statistics without
 updating them), and in the loss it runs in train mode and its BatchNorm updates are kept, in call
-order, as PyTorch's would be. `ctx.teacher(x)` runs the frozen teacher in eval mode behind
-`stop_gradient`; `ctx.teacher_clean` is its output on the clean batch, computed once per step.
+order, as PyTorch's would be. `ctx.teacher(x)` runs the frozen teacher in eval mode with its variables behind
+`stop_gradient` (gradients reach its input, so an attack may go through the teacher, as AdaAD's
+does); `ctx.teacher_clean` is its output on the clean batch, computed once per step.
 """
 
 import dataclasses
@@ -33,7 +34,7 @@ class Context:
 
   Attributes:
     student: `x [B, H, W, C] in [0, 1] -> (logits, features)` of the student being trained.
-    teacher: the same for the frozen teacher (eval mode, stop_gradient), or None without one.
+    teacher: the same for the frozen teacher (eval mode, variables behind stop_gradient), or None.
     teacher_clean: `teacher(batch['image'])`, computed once per step, or None.
     batch: 'image' (the augmented clean inputs), 'label' `[B]` int32, 'index' `[B]` int32
       (dataset positions, for memory banks).
@@ -61,6 +62,7 @@ class InitInfo:
   """
   num_examples: int
   train_labels: np.ndarray
+  steps_per_epoch: int
   num_classes: int
   student_feature_dim: int
   teacher_feature_dim: Optional[int]

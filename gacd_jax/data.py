@@ -1,0 +1,394 @@
+"""Datasets, deterministic batching, augmentation and per-host sharding.
+
+A `Source` is one split of a dataset with random access by example position. Batching is stateless:
+the order of epoch `e` is a permutation drawn from `(seed, e)`, so a run resumed at step `s` reads
+exactly the batches it would have read, without replaying the first `s`. Every process computes the
+same global batch and reads only its own contiguous slice of it; `to_global` then assembles the
+slices into arrays sharded on the mesh's `data` axis.
+
+Images leave a `Source` as float32 NHWC in [0, 1]; augmentation runs in JAX inside the train step.
+"""
+
+from __future__ import annotations
+
+import abc
+import functools
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gacd_jax.errors import ConfigError, DataError
+
+_SPLITS = ("train", "test")
+_TFDS_NAMES = ("cifar10", "cifar100", "stl10")
+_DIGITS_TEST_EVERY = 5  # every 5th example of each class is a test example: stratified 80/20
+_SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_examples": 512, "num_classes": 10}
+
+
+class Source(abc.ABC):
+  """A random-access split of a dataset, held or read on the host.
+
+  Attributes:
+    name: the dataset's name, one of `names()`.
+    split: 'train' or 'test'.
+    num_examples: number of examples; valid positions are 0 .. num_examples - 1.
+    num_classes: labels are in 0 .. num_classes - 1.
+    image_shape: (H, W, C) of every image, after any resizing and channel tiling.
+  """
+
+  def __init__(self, name: str, split: str, num_examples: int, num_classes: int,
+               image_shape: tuple[int, int, int]):
+    self.name = name
+    self.split = split
+    self.num_examples = num_examples
+    self.num_classes = num_classes
+    self.image_shape = image_shape
+
+  def get(self, indices: np.ndarray) -> dict[str, np.ndarray]:
+    """Reads the examples at `indices` (positions in the split, int [n]).
+
+    Returns:
+      {'image': float32 [n, H, W, C] in [0, 1], 'label': int32 [n], 'index': int32 [n]}, where
+      'index' is each example's position in the split (memory banks key on it).
+    """
+    indices = np.asarray(indices)
+    if indices.ndim != 1 or not np.issubdtype(indices.dtype, np.integer):
+      raise IndexError(f"indices must be a 1-D integer array, got {indices.dtype} {indices.shape}")
+    if indices.size and (indices.min() < 0 or indices.max() >= self.num_examples):
+      raise IndexError(f"indices must be in [0, {self.num_examples}) for {self.name}/{self.split}, "
+                       f"got [{indices.min()}, {indices.max()}]")
+    images, labels = self._read(indices)
+    return {"image": images, "label": labels, "index": indices.astype(np.int32)}
+
+  @abc.abstractmethod
+  def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Returns (float32 [n, H, W, C] in [0, 1], int32 [n]) for valid `indices` [n]."""
+
+  def __repr__(self) -> str:
+    return (f"{type(self).__name__}({self.name}/{self.split}, {self.num_examples} examples, "
+            f"{self.num_classes} classes, image_shape={self.image_shape})")
+
+
+class _ArraySource(Source):
+  """A split small enough to hold in host memory as arrays."""
+
+  def __init__(self, name: str, split: str, images: np.ndarray, labels: np.ndarray,
+               num_classes: int):
+    super().__init__(name, split, len(images), num_classes, tuple(images.shape[1:]))
+    self._images = images
+    self._labels = labels
+
+  def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    return self._images[indices], self._labels[indices]
+
+
+class _TfdsSource(Source):
+  """A split read example by example from a tfds array_record data source; nothing is cached."""
+
+  def __init__(self, name: str, split: str, data_source: Any, num_examples: int, num_classes: int,
+               stored_shape: tuple[int, int, int], image_size: int | None):
+    height, width, channels = stored_shape
+    if image_size is not None:
+      height = width = image_size
+    super().__init__(name, split, num_examples, num_classes, (height, width, channels))
+    self._data_source = data_source
+    self._stored_shape = stored_shape
+
+  def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images = np.empty((len(indices), *self._stored_shape), np.uint8)
+    labels = np.empty((len(indices),), np.int32)
+    # One item at a time, through the Sequence interface tfds documents: its batched
+    # `__getitems__` raises TypeError under `tfds.testing.mock_data` (4.9.10), so tests could not
+    # exercise it.
+    for row, index in enumerate(indices):
+      example = self._data_source[int(index)]
+      images[row] = example["image"]
+      labels[row] = example["label"]
+    images = images.astype(np.float32) / 255.0
+    if self.image_shape[:2] != self._stored_shape[:2]:
+      images = _resize(images, self.image_shape[0])
+    return images, labels
+
+
+def names() -> list[str]:
+  """The dataset names `build` accepts."""
+  return sorted(("digits", "synthetic", *_TFDS_NAMES))
+
+
+def build(name: str, split: str, *, image_size: int | None = None, channels: int | None = None,
+          data_dir: str | None = None, num_examples: int | None = None,
+          num_classes: int | None = None, seed: int = 0) -> Source:
+  """Opens one split of a dataset.
+
+  Args:
+    name: one of `names()`.
+    split: 'train' or 'test'.
+    image_size: square side in pixels to resize to (bilinear); None keeps the dataset's own size
+      (synthetic: 32).
+    channels: channel count; a 1-channel dataset is tiled to it; None keeps the dataset's own
+      (synthetic: 3).
+    data_dir: tfds data directory holding the prepared array_record dataset; None for tfds' default
+      ($TFDS_DATA_DIR or ~/tensorflow_datasets). Ignored by digits and synthetic.
+    num_examples: synthetic: how many to generate (default 512); others: keep only the first
+      `num_examples` of the split (for quick runs).
+    num_classes: synthetic: how many classes (default 10); others: must match the dataset.
+    seed: synthetic only: the images and labels are a function of it (and of the split).
+
+  Raises:
+    ConfigError: an unknown name or split, or an option the dataset cannot honour.
+    DataError: a tfds dataset that is not prepared in `data_dir`.
+  """
+  if name not in names():
+    raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
+  if split not in _SPLITS:
+    raise ConfigError(f"unknown split {split!r} for {name}; known splits: {', '.join(_SPLITS)}")
+  for option, value in (("image_size", image_size), ("channels", channels),
+                        ("num_examples", num_examples), ("num_classes", num_classes)):
+    if value is not None and value <= 0:
+      raise ConfigError(f"data option {option} must be positive, got {value}")
+
+  if name == "synthetic":
+    return _synthetic(split, image_size, channels, num_examples, num_classes, seed)
+  if name == "digits":
+    source = _digits(split, image_size, channels, num_examples)
+  else:
+    source = _tfds(name, split, image_size, channels, data_dir, num_examples)
+  if num_classes is not None and num_classes != source.num_classes:
+    raise ConfigError(f"{name} has {source.num_classes} classes, but num_classes={num_classes}")
+  return source
+
+
+def _synthetic(split: str, image_size: int | None, channels: int | None,
+               num_examples: int | None, num_classes: int | None, seed: int) -> Source:
+  """Random images: per class, half a fixed random template and half noise, so it is learnable."""
+  size = image_size or _SYNTHETIC_DEFAULTS["image_size"]
+  channels = channels or _SYNTHETIC_DEFAULTS["channels"]
+  num_examples = num_examples or _SYNTHETIC_DEFAULTS["num_examples"]
+  num_classes = num_classes or _SYNTHETIC_DEFAULTS["num_classes"]
+  shape = (size, size, channels)
+  # The templates depend on the seed only, so train and test share classes but not examples.
+  templates = np.random.default_rng([seed, 0]).uniform(size=(num_classes, *shape))
+  rng = np.random.default_rng([seed, 1 + _SPLITS.index(split)])
+  labels = rng.integers(num_classes, size=num_examples).astype(np.int32)
+  noise = rng.uniform(size=(num_examples, *shape))
+  images = (0.5 * templates[labels] + 0.5 * noise).astype(np.float32)
+  return _ArraySource("synthetic", split, images, labels, num_classes)
+
+
+def _digits(split: str, image_size: int | None, channels: int | None,
+            num_examples: int | None) -> Source:
+  """scikit-learn's bundled 8x8 digits with a fixed, stratified ~80/20 train/test split."""
+  # Imported here: scikit-learn takes seconds to import and only this dataset needs it.
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+
+  digits = load_digits()
+  images = (digits.images / 16.0).astype(np.float32)[..., None]  # pixel values are 0..16
+  labels = digits.target.astype(np.int32)
+  # The split is a pure function of the bundled file's order (no RNG whose stream could change
+  # between library versions): within each class, every 5th example is a test example.
+  rank_in_class = np.empty_like(labels)
+  for label in np.unique(labels):
+    members = np.flatnonzero(labels == label)
+    rank_in_class[members] = np.arange(len(members))
+  is_test = rank_in_class % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
+  keep = np.flatnonzero(is_test if split == "test" else ~is_test)
+  if num_examples is not None:
+    _check_num_examples("digits", split, len(keep), num_examples)
+    keep = keep[:num_examples]
+  images, labels = images[keep], labels[keep]
+  if image_size is not None and image_size != images.shape[1]:
+    images = _resize(images, image_size)
+  images = _tile_channels(images, channels, "digits")
+  return _ArraySource("digits", split, images, labels, num_classes=10)
+
+
+def _tfds(name: str, split: str, image_size: int | None, channels: int | None,
+          data_dir: str | None, num_examples: int | None) -> Source:
+  """A tfds dataset prepared as array_record, read with random access."""
+  # Imported here: tensorflow_datasets is slow to import and only these datasets need it.
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  how_to_prepare = (
+      f"Prepare it on a machine with network access and tensorflow installed:\n"
+      f"  tfds build {name} --file_format=array_record --data_dir=DIR\n"
+      f"or in Python: tfds.builder({name!r}, data_dir=DIR, file_format='array_record')"
+      f".download_and_prepare()\n"
+      f"then copy DIR here and pass it as data_dir (--config.data.data_dir=DIR).")
+  where = data_dir or "tfds' default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
+  try:
+    # download=False: tfds would otherwise try to download and prepare the data here.
+    data_source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
+                                   builder_kwargs={"file_format": "array_record"})
+  except KeyError as e:
+    # tfds' sign of a split that was never generated: its split dict is empty.
+    raise DataError(f"{name} ({split} split) is not prepared in {where}. {how_to_prepare}") from e
+  except NotImplementedError as e:
+    # Prepared, but as TFRecord, which has no random access.
+    raise DataError(f"{name} in {where} is not in array_record format, which random access "
+                    f"needs. {how_to_prepare}") from e
+
+  features = data_source.dataset_info.features
+  stored_shape = tuple(features["image"].shape)
+  if channels is not None and channels != stored_shape[-1]:
+    raise ConfigError(f"{name} images have {stored_shape[-1]} channels, but channels={channels}")
+  total = len(data_source)
+  if num_examples is not None:
+    _check_num_examples(name, split, total, num_examples)
+  return _TfdsSource(name, split, data_source, num_examples or total,
+                     features["label"].num_classes, stored_shape, image_size)
+
+
+def _check_num_examples(name: str, split: str, total: int, num_examples: int) -> None:
+  if num_examples > total:
+    raise ConfigError(f"{name} {split} has {total} examples, fewer than "
+                      f"num_examples={num_examples}")
+
+
+def _tile_channels(images: np.ndarray, channels: int | None, name: str) -> np.ndarray:
+  """Repeats a single channel: [N, H, W, 1] -> [N, H, W, channels]."""
+  if channels is None or channels == images.shape[-1]:
+    return images
+  if images.shape[-1] != 1:
+    raise ConfigError(f"{name} images have {images.shape[-1]} channels, but channels={channels}")
+  return np.repeat(images, channels, axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames="size")
+def _resize_on_device(images: jax.Array, size: int) -> jax.Array:
+  resized = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear")
+  # Bilinear weights are convex, so only rounding can leave [0, 1].
+  return jnp.clip(resized, 0.0, 1.0)
+
+
+def _resize(images: np.ndarray, size: int) -> np.ndarray:
+  """Bilinear (antialiased when shrinking) resize: float32 [N, H, W, C] -> [N, size, size, C]."""
+  # On the host CPU, so that input reading never queues behind train steps on an accelerator.
+  cpu = jax.local_devices(backend="cpu")[0]
+  return np.asarray(_resize_on_device(jax.device_put(images, cpu), size))
+
+
+def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
+  """Full global batches in one epoch; the remainder examples are dropped (training only)."""
+  if global_batch_size <= 0:
+    raise ConfigError(f"global batch size must be positive, got {global_batch_size}")
+  return num_examples // global_batch_size
+
+
+def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
+  """This host's share of a global batch, after checking the global batch divides evenly."""
+  if global_batch_size <= 0:
+    raise ConfigError(f"global batch size must be positive, got {global_batch_size}")
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
+  if global_batch_size % process_count:
+    raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
+                      f"{process_count} processes")
+  return global_batch_size // process_count
+
+
+def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: int,
+                  start_step: int = 0, process_index: int = 0,
+                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """This host's slices of one epoch's shuffled global batches, from step `start_step` on.
+
+  Global batch `s` is `perm[s * GB:(s + 1) * GB]` with `perm` drawn from
+  `np.random.default_rng([seed, epoch])`; the last `num_examples % GB` examples of `perm` are
+  dropped. This host gets the contiguous slice `process_index` of `process_count` of each.
+
+  Yields:
+    `source.get` dicts of GB // process_count examples: image [n, H, W, C], label [n], index [n].
+
+  Raises:
+    ConfigError: (when called, not when first iterated) GB is not divisible by process_count or
+      exceeds the split's size.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  if global_batch_size > source.num_examples:
+    raise ConfigError(f"global batch size {global_batch_size} exceeds the {source.num_examples} "
+                      f"examples of {source.name}/{source.split}")
+  num_steps = steps_per_epoch(source.num_examples, global_batch_size)
+  if not 0 <= start_step <= num_steps:
+    raise ValueError(f"start_step {start_step} is not in [0, {num_steps}]")
+  perm = np.random.default_rng([seed, epoch]).permutation(source.num_examples)
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    for step in range(start_step, num_steps):
+      begin = step * global_batch_size + process_index * local
+      yield source.get(perm[begin:begin + local])
+
+  return batches()
+
+
+def eval_batches(source: Source, *, global_batch_size: int, process_index: int = 0,
+                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
+  """This host's slices of the split's global batches, in order, covering every example once.
+
+  The last global batch is padded to full size, so every host runs the same number of steps with
+  the same shapes. Padding rows repeat the split's last example and have mask False.
+
+  Yields:
+    `source.get` dicts of GB // process_count examples plus 'mask': bool [n], True = real example.
+
+  Raises:
+    ConfigError: (when called) GB is not divisible by process_count.
+  """
+  local = _local_batch_size(global_batch_size, process_index, process_count)
+  num_steps = -(-source.num_examples // global_batch_size)
+
+  def batches() -> Iterator[dict[str, np.ndarray]]:
+    for step in range(num_steps):
+      begin = step * global_batch_size + process_index * local
+      positions = np.arange(begin, begin + local)
+      batch = source.get(np.minimum(positions, source.num_examples - 1))
+      batch["mask"] = positions < source.num_examples
+      yield batch
+
+  return batches()
+
+
+def augment(rng: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
+  """Random crop after zero padding, then random horizontal flip, drawn per example.
+
+  Matches torchvision's RandomCrop(size, padding=pad) + RandomHorizontalFlip(). jit-able with
+  `pad` and `flip` static; pad=0 and flip=False is the identity.
+
+  Args:
+    rng: PRNG key.
+    images: [B, H, W, C].
+    pad: zero padding on each side, in pixels; the crop's offset is uniform in 0 .. 2 * pad.
+    flip: mirror left-right with probability 1/2.
+
+  Returns:
+    [B, H, W, C], same dtype.
+  """
+  if pad < 0:
+    raise ConfigError(f"crop padding must be >= 0, got {pad}")
+  crop_rng, flip_rng = jax.random.split(rng)
+  batch, height, width, channels = images.shape
+  if pad:
+    padded = jnp.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    offsets = jax.random.randint(crop_rng, (batch, 2), 0, 2 * pad + 1)
+    crop = lambda image, offset: jax.lax.dynamic_slice(
+        image, (offset[0], offset[1], 0), (height, width, channels))
+    images = jax.vmap(crop)(padded, offsets)
+  if flip:
+    mirror = jax.random.bernoulli(flip_rng, 0.5, (batch,))
+    images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
+  return images
+
+
+def to_global(batch: dict[str, np.ndarray],
+              sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
+  """Assembles every host's slice into global arrays.
+
+  Args:
+    batch: this host's arrays, leading dim = the local batch size.
+    sharding: how to lay out the leading (batch) dim, normally PartitionSpec('data') on the mesh.
+
+  Returns:
+    The same keys; each array's leading dim is the global batch size.
+  """
+  return {key: jax.make_array_from_process_local_data(sharding, value)
+          for key, value in batch.items()}

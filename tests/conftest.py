@@ -1,0 +1,16 @@
+"""Test-session setup: a persistent compilation cache shared by the tests (and their subprocesses).
+
+Many tests compile the same tiny train step; on a 2-core CPU compiling dominates their time, so the
+cache keeps the suite inside its budget. It lives under pytest's cache directory of the checkout.
+"""
+
+import os
+import pathlib
+
+import jax
+
+CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)

@@ -1,0 +1,44 @@
+"""Small configs and utilities shared by the tests."""
+
+import os
+import subprocess
+import sys
+
+from gacd_jax import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(method: str = "natural", *, width: int = 4, epochs: int = 1,
+                num_examples: int = 128, teacher_workdir: str = ""):
+  """Digits 8x8, a 4-channel small_cnn, 4 steps per epoch, a 2-step attack: seconds to run."""
+  c = demo.digits_config(method, width=width, epochs=epochs, teacher_workdir=teacher_workdir)
+  c.data.num_examples = num_examples
+  c.train.batch_size = 32
+  c.train.log_every = 2
+  c.train.checkpoint_every = 2
+  c.attack.steps = 2
+  c.eval.batch_size = 64
+  c.eval.max_examples = 64
+  c.eval.pgd_steps = 2
+  c.eval.cw_steps = 2
+  c.optim.lr = 0.1
+  c.optim.schedule = "constant"
+  return c
+
+
+def run_python(code: str, *, devices: int = 1, timeout: int = 600) -> str:
+  """Run `code` in a fresh interpreter with `devices` fake CPU devices; return its stdout."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             PYTHONPATH=REPO)
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                        timeout=timeout, cwd=REPO)
+  if proc.returncode:
+    raise AssertionError(f"subprocess failed:\n{proc.stdout}\n{proc.stderr}")
+  return proc.stdout
+
+
+def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
+  env = dict(os.environ, PYTHONPATH=REPO)
+  return subprocess.run([sys.executable, "-m", "gacd_jax.cli", *args], capture_output=True,
+                        text=True, env=env, timeout=timeout, cwd=REPO)

@@ -1,0 +1,147 @@
+"""The train step and loop: learning, a frozen teacher, 1 vs 8 devices, resume, NaN, workdirs."""
+
+import json
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gacd_jax import checkpoints
+from gacd_jax import data
+from gacd_jax import errors
+from gacd_jax import methods
+from gacd_jax import models
+from gacd_jax import sharding
+from gacd_jax import train
+from tests import helpers
+
+
+def _step_setup(method_name: str, width: int = 8):
+  config = helpers.tiny_config(method_name, width=width)
+  source = data.build("digits", "train", image_size=8, channels=1, num_examples=128)
+  method = methods.build(config.method)
+  model = models.build("small_cnn", 10, width=width)
+  tx = train.make_optimizer(config.optim, 4, 100)
+  info = methods.InitInfo(num_examples=128, train_labels=train.all_labels(source), num_classes=10,
+                          steps_per_epoch=4,
+                          student_feature_dim=2 * width, teacher_feature_dim=32,
+                          teacher_num_classes=10)
+  state = train.init_state(jax.random.key(0), model, method, tx, (8, 8, 1), info)
+  teacher_model = models.build("small_cnn", 10, width=16)
+  teacher_vars = teacher_model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
+  step = train.make_step(model, method, tx, train.AttackSettings.resolve(config.attack, method),
+                         teacher_model, crop_padding=1, flip=False)
+  batch = source.get(np.arange(32))
+  return state, teacher_vars, step, batch
+
+
+@pytest.mark.parametrize("method,factor", [("natural", 0.6), ("pgd_at", 0.95)])
+def test_loss_falls_on_a_fixed_batch(method, factor):
+  state, teacher_vars, step, batch = _step_setup(method)
+  mesh = sharding.make_mesh()
+  step_fn = train.jit_step(step, mesh)
+  batch = data.to_global(batch, sharding.batch_sharding(mesh))
+  losses = []
+  for _ in range(25):
+    state, metrics = step_fn(state, teacher_vars, batch, jax.random.key(3))
+    losses.append(float(metrics["loss"]))
+  assert all(math.isfinite(l) for l in losses)
+  assert np.mean(losses[-5:]) < factor * np.mean(losses[:3])
+  assert {"loss", "grad_norm"} <= set(metrics)
+  assert ("adv_acc" in metrics) == (method == "pgd_at")
+  assert int(state["step"]) == 25
+
+
+def test_teacher_is_bit_identical_after_a_step_and_not_in_the_optimizer():
+  state, teacher_vars, step, batch = _step_setup("ard")
+  before = jax.tree.map(np.array, teacher_vars)
+  mesh = sharding.make_mesh()
+  batch = data.to_global(batch, sharding.batch_sharding(mesh))
+  new_state, metrics = train.jit_step(step, mesh)(state, teacher_vars, batch, jax.random.key(0))
+  after = jax.tree.map(np.array, teacher_vars)
+  jax.tree.map(np.testing.assert_array_equal, before, after)
+  assert float(metrics["kl"]) > 0
+  # the optimizer holds the student's parameters only (and the method's, empty for ARD)
+  assert set(new_state["params"]) == {"student", "method"} and new_state["params"]["method"] == {}
+  n_teacher = sum(x.size for x in jax.tree.leaves(teacher_vars["params"]))
+  n_opt = sum(x.size for x in jax.tree.leaves(new_state["opt_state"]) if x.ndim)  # not counters
+  n_student = sum(x.size for x in jax.tree.leaves(new_state["params"]))
+  assert n_opt == n_student and n_teacher != n_student
+
+
+ONE_VS_EIGHT = """
+import jax, numpy as np
+from gacd_jax import data, sharding, train
+from tests.test_train import _step_setup
+assert len(jax.devices()) == 8
+state, teacher_vars, step, batch = _step_setup("{method}")
+results = []
+for devices in (jax.devices()[:1], jax.devices()):
+  mesh = sharding.make_mesh(devices)
+  s = jax.tree.map(lambda x: x.copy(), state)
+  g = data.to_global(batch, sharding.batch_sharding(mesh))
+  fn = train.jit_step(step, mesh)
+  for _ in range(2):
+    s, m = fn(s, teacher_vars, g, jax.random.key(5))
+  results.append((jax.device_get(s["params"]), jax.device_get(s["batch_stats"]), float(m["loss"])))
+(p1, b1, l1), (p8, b8, l8) = results
+diff = max(float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves((p1, b1)), jax.tree.leaves((p8, b8))))
+print(diff, abs(l1 - l8))
+"""
+
+
+@pytest.mark.parametrize("method", ["ard"])
+def test_one_device_and_eight_fake_devices_agree(method):
+  out = helpers.run_python(ONE_VS_EIGHT.format(method=method), devices=8)
+  param_diff, loss_diff = map(float, out.split()[-2:])
+  assert param_diff < 1e-5 and loss_diff < 1e-5
+
+
+def _final_params(workdir):
+  _, raw = checkpoints.restore(workdir)
+  return raw["params"], raw["batch_stats"], raw["opt_state"]
+
+
+def test_a_resumed_run_ends_with_the_parameters_of_an_uninterrupted_one(tmp_path):
+  config = helpers.tiny_config("pgd_at", epochs=2)  # 8 steps over 2 epochs
+  train.train(config, str(tmp_path / "straight"), progress=False)
+  train.train(config, str(tmp_path / "resumed"), progress=False, stop_after=3)
+  assert checkpoints.latest_step(tmp_path / "resumed") == 3
+  train.train(config, str(tmp_path / "resumed"), progress=False)
+  assert checkpoints.latest_step(tmp_path / "resumed") == 8
+  a, b = _final_params(tmp_path / "straight"), _final_params(tmp_path / "resumed")
+  jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=0, atol=1e-6), a, b)
+  lines = (tmp_path / "resumed" / "metrics.jsonl").read_text().splitlines()
+  assert json.loads(lines[-1])["step"] == 8
+  assert list((tmp_path / "straight").glob("events.out.tfevents.*"))
+
+
+def test_a_workdir_of_another_config_is_refused_unless_overwritten(tmp_path):
+  config = helpers.tiny_config("natural")
+  train.train(config, str(tmp_path), progress=False, stop_after=2)
+  other = helpers.tiny_config("natural", width=6)
+  with pytest.raises(errors.ConfigError, match="model.small_cnn.width"):
+    train.train(other, str(tmp_path), progress=False)
+  train.train(other, str(tmp_path), progress=False, overwrite=True, stop_after=2)
+  assert json.loads((tmp_path / "config.json").read_text())["model"]["small_cnn"]["width"] == 6
+  # more epochs on the same run is a resumption, not another config
+  more = helpers.tiny_config("natural", width=6, epochs=2)
+  train.train(more, str(tmp_path), progress=False)
+  assert checkpoints.latest_step(tmp_path) == 8
+
+
+def test_a_non_finite_loss_stops_the_run_with_its_step():
+  class Bar:
+    def set_postfix(self, **_):
+      pass
+  pending = [(10, {"loss": np.float32(1.0)}), (11, {"loss": np.float32(np.nan)}),
+             (12, {"loss": np.float32(np.nan)})]
+  with pytest.raises(train.NonFiniteLossError, match="step 11"):
+    train._flush(pending, None, Bar(), 0.0)
+
+
+def test_a_method_with_a_teacher_needs_one(tmp_path):
+  with pytest.raises(errors.ConfigError, match="teacher.workdir"):
+    train.train(helpers.tiny_config("ard"), str(tmp_path), progress=False)
