@@ -12,7 +12,6 @@ printed as one message with a non-zero exit and no traceback.
 import sys
 from typing import Callable
 
-from absl import app
 from absl import flags
 from absl import logging
 
@@ -70,11 +69,12 @@ def _run_evaluate():
 def _define_demo():
   flags.DEFINE_string("workdir", None, "directory for the demo's runs and report", required=True)
   flags.DEFINE_bool("smoke", False, "a tiny, seconds-long version (for tests)")
+  flags.DEFINE_bool("progress", True, "show progress bars")
 
 
 def _run_demo():
   from gacd_jax import demo  # pylint: disable=g-import-not-at-top
-  table = demo.run(flags.FLAGS.workdir, smoke=flags.FLAGS.smoke)
+  table = demo.run(flags.FLAGS.workdir, smoke=flags.FLAGS.smoke, progress=flags.FLAGS.progress)
   print(table)
 
 
@@ -125,6 +125,10 @@ def _required_config():
   config = flags.FLAGS.config
   if config is None:
     raise errors.ConfigError("--config is required, e.g. --config configs/digits.py")
+  try:
+    config.keys()  # config_flags defers a failed load until the config is first used
+  except OSError as e:
+    raise errors.ConfigError(f"cannot load the config: {e}") from e
   return config
 
 
@@ -152,20 +156,39 @@ def main(argv: list[str] | None = None) -> None:
     _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   define, run = COMMANDS[command]
   define()
+  if {"-h", "--help", "--helpshort"} & set(argv[2:]):
+    print(f"usage: gacd-jax {command} [flags]\n\n" + flags.FLAGS.module_help(sys.modules[__name__]))
+    sys.exit(0)
 
-  def app_main(extra: list[str]) -> None:
-    if len(extra) > 1:
-      _fail(f"unexpected arguments {' '.join(extra[1:])!r}; flags look like --name=value")
-    logging.set_verbosity(logging.WARNING)
-    try:
-      run()
-    except errors.GacdError as e:
-      _fail(str(e))
-
+  extra = _parse_or_fail([f"gacd-jax {command}"] + argv[2:])
+  if len(extra) > 1:
+    _fail(f"unexpected arguments {' '.join(extra[1:])!r}; flags look like --name=value")
+  logging.use_absl_handler()
+  logging.set_verbosity(logging.WARNING)
   try:
-    app.run(app_main, argv=[f"gacd-jax {command}"] + argv[2:])
-  except errors.GacdError as e:  # raised while parsing flags, e.g. by a config file
+    run()
+  except errors.GacdError as e:
     _fail(str(e))
+
+
+def _parse_or_fail(argv: list[str]) -> list[str]:
+  """Parse the flags, so that a bad flag or config override is one clear message; return the
+  arguments left over.
+
+  config_flags reports an override of a key the config does not have as a bare AttributeError or
+  KeyError from inside its parser; here it becomes a message naming the flag.
+  """
+  try:
+    return flags.FLAGS(argv)
+  except errors.GacdError as e:  # raised by a config file's get_config
+    _fail(str(e))
+  except flags.Error as e:
+    _fail(f"{e}\n(`{argv[0]} --help` lists the flags)")
+  except (AttributeError, KeyError) as e:
+    key = str(e).strip("\"'")
+    culprits = [a for a in argv[1:] if a.startswith("--config.") and key in a]
+    _fail(f"the config has no key {key!r} (in {culprits[0] if culprits else 'a --config flag'}); "
+          "check the spelling against the config file")
 
 
 if __name__ == "__main__":
