@@ -30,7 +30,7 @@ CHECKPOINT_DIR = "checkpoints"
 def write_json(path: str | os.PathLike, obj: Any) -> None:
   """Write JSON atomically (temporary file, then rename), so a crash never leaves half a file."""
   path = pathlib.Path(path)
-  tmp = path.with_suffix(path.suffix + ".tmp")
+  tmp = path.with_suffix(f"{path.suffix}.{os.getpid()}.tmp")  # hosts may write the same file
   tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=list) + "\n")
   os.replace(tmp, path)
 
@@ -96,7 +96,11 @@ def restore(workdir: str | os.PathLike, abstract_state: Any = None) -> tuple[int
         f"{workdir} holds no checkpoint; the run never saved one (train it first)")
   try:
     with manager(workdir) as mngr:
-      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state))
+      # Without a target, arrays saved from another device topology (a pod, 8 GPUs) land on
+      # this process's first device.
+      fallback = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+      state = mngr.restore(step, args=ocp.args.StandardRestore(abstract_state,
+                                                               fallback_sharding=fallback))
   except errors.GacdError:
     raise
   except Exception as e:  # orbax raises many types for unreadable or mismatched files

@@ -39,14 +39,42 @@ def _config_flag():
                                   "optionally with :ARG", lock_config=True)
 
 
+def _distributed_flags():
+  flags.DEFINE_bool("distributed", False, "multi-host: call jax.distributed.initialize() first "
+                    "(on TPU pods and SLURM/Open MPI clusters it finds its peers itself)")
+  flags.DEFINE_string("coordinator", None, "with --distributed: host:port of process 0, for "
+                      "clusters JAX cannot detect (e.g. 127.0.0.1:12345 for local processes)")
+  flags.DEFINE_integer("num_processes", None, "with --coordinator: the number of processes")
+  flags.DEFINE_integer("process_id", None, "with --coordinator: this process's index")
+
+
+def _initialize_distributed():
+  """Join the other processes before anything touches a device."""
+  if not flags.FLAGS.distributed:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  if jax.config.jax_platforms in (None, "", "cpu") and flags.FLAGS.coordinator:
+    # CPU processes exchange data through gloo; accelerators bring their own collectives.
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kw = {}
+  if flags.FLAGS.coordinator:
+    if flags.FLAGS.num_processes is None or flags.FLAGS.process_id is None:
+      raise errors.ConfigError("--coordinator needs --num_processes and --process_id")
+    kw = dict(coordinator_address=flags.FLAGS.coordinator,
+              num_processes=flags.FLAGS.num_processes, process_id=flags.FLAGS.process_id)
+  jax.distributed.initialize(**kw)
+
+
 def _define_train():
   _config_flag()
+  _distributed_flags()
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", required=True)
   flags.DEFINE_bool("overwrite", False, "replace a run of a different config in --workdir")
   flags.DEFINE_bool("progress", True, "show a progress bar")
 
 
 def _run_train():
+  _initialize_distributed()
   from gacd_jax import train  # pylint: disable=g-import-not-at-top
   config = _required_config()
   metrics = train.train(config, flags.FLAGS.workdir, overwrite=flags.FLAGS.overwrite,
@@ -56,10 +84,12 @@ def _run_train():
 
 def _define_evaluate():
   _config_flag()
+  _distributed_flags()
   flags.DEFINE_string("workdir", None, "run directory to evaluate", required=True)
 
 
 def _run_evaluate():
+  _initialize_distributed()
   from gacd_jax import evaluate  # pylint: disable=g-import-not-at-top
   config = _required_config()
   evaluate.evaluate_run(config, flags.FLAGS.workdir)

@@ -89,7 +89,7 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, atta
     logits_fn = lambda xx: apply_fn(variables, xx)
     x_adv = attack(logits_fn, x, y, rng, eps)
     hits = (logits_fn(x_adv).argmax(-1) == y) & mask
-    return hits.sum()
+    return hits.sum(), mask.sum()
 
   variables = jax.device_put(variables, replicated)
   rng = jax.random.key(seed)
@@ -111,9 +111,11 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, atta
     g = data.to_global(batch, batch_sharding)
     batch_rng = jax.random.fold_in(rng, i)
     for j, e in enumerate(eps_list):
-      totals[j] += correct(variables, g["image"], g["label"], g["mask"], batch_rng,
+      hits, real = correct(variables, g["image"], g["label"], g["mask"], batch_rng,
                            jnp.float32(e))
-    count += int(batch["mask"].sum()) * jax.process_count()
+      totals[j] += hits
+    count += real  # over all hosts' slices of the batch
+  count = int(count)
   return [float(t) / max(count, 1) for t in totals]
 
 
