@@ -16,6 +16,7 @@ from absl import flags
 from absl import logging
 
 from gacd_jax import errors
+from gacd_jax import runtime
 
 USAGE = """usage: gacd-jax COMMAND [flags]
 
@@ -184,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
   command = argv[1]
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
+  runtime.configure()
   define, run = COMMANDS[command]
   define()
   if {"-h", "--help", "--helpshort"} & set(argv[2:]):

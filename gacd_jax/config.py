@@ -7,6 +7,8 @@ once, up front, by `validate`, with messages that name the key and the fix.
 
 import json
 
+import jax.numpy as jnp
+
 from ml_collections import ConfigDict
 
 from gacd_jax import attacks
@@ -19,6 +21,9 @@ def default() -> ConfigDict:
   """The base config. Experiment configs in `configs/` start here and change what they need."""
   c = ConfigDict()
   c.seed = 0
+  # Compute precision of the student, the teacher and the training attack: 'fp32', or 'bf16'
+  # (bf16 activations and convolutions; parameters, optimizer state and loss reductions stay fp32).
+  c.precision = "fp32"
 
   # The student. Per-architecture options live under the architecture's name.
   c.model = ConfigDict()
@@ -84,6 +89,14 @@ def default() -> ConfigDict:
   return c
 
 
+PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+
+
+def compute_dtype(c: ConfigDict):
+  """The activation dtype `config.precision` names."""
+  return PRECISIONS[c.precision]
+
+
 def model_kwargs(model_config: ConfigDict) -> dict:
   """The keyword arguments for `models.build` held under `model.<name>`, if any."""
   options = model_config.get(model_config.name)
@@ -112,6 +125,7 @@ def validate(c: ConfigDict) -> None:
         f"unknown dataset {c.data.name!r}; known datasets: {', '.join(data.names())}")
   methods.build(c.method)  # raises for an unknown method
   _choice(c.method.kl_reduction, losses.KL_REDUCTIONS, "method.kl_reduction")
+  _choice(c.precision, tuple(PRECISIONS), "precision")
   for key in ("attack.eps", "eval.eps"):
     section, name = key.split(".")
     attacks.check_eps(c[section][name], f"config.{key}")

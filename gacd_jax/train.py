@@ -348,9 +348,11 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   total_steps = steps_per_epoch * config.train.epochs
 
   method = methods.build(config.method)
-  model = models.build(config.model.name, source.num_classes,
+  dtype = config_lib.compute_dtype(config)
+  model = models.build(config.model.name, source.num_classes, dtype=dtype,
                        **config_lib.model_kwargs(config.model))
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
+  teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
   checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
       "image_shape": list(source.image_shape), "num_classes": source.num_classes,
       "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
@@ -381,7 +383,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
 
   step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
-                               teacher.model if teacher else None,
+                               teacher_model,
                                crop_padding=config.data.crop_padding, flip=config.data.flip),
                      mesh)
   batch_sharding = sharding.batch_sharding(mesh)

@@ -39,6 +39,7 @@ def run_python(code: str, *, devices: int = 1, timeout: int = 600) -> str:
 
 
 def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
-  env = dict(os.environ, PYTHONPATH=REPO)
+  env = dict(os.environ, PYTHONPATH=REPO,
+             GACD_JAX_COMPILATION_CACHE=os.environ["JAX_COMPILATION_CACHE_DIR"])
   return subprocess.run([sys.executable, "-m", "gacd_jax.cli", *args], capture_output=True,
                         text=True, env=env, timeout=timeout, cwd=REPO)

@@ -25,6 +25,7 @@ def _free_port() -> int:
 
 def _env(devices: int) -> dict:
   return dict(os.environ, PYTHONPATH=helpers.REPO,
+              GACD_JAX_COMPILATION_CACHE=os.environ["JAX_COMPILATION_CACHE_DIR"],
               XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 

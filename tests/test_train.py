@@ -18,18 +18,18 @@ from gacd_jax import train
 from tests import helpers
 
 
-def _step_setup(method_name: str, width: int = 8):
+def _step_setup(method_name: str, width: int = 8, dtype=jnp.float32):
   config = helpers.tiny_config(method_name, width=width)
   source = data.build("digits", "train", image_size=8, channels=1, num_examples=128)
   method = methods.build(config.method)
-  model = models.build("small_cnn", 10, width=width)
+  model = models.build("small_cnn", 10, width=width, dtype=dtype)
   tx = train.make_optimizer(config.optim, 4, 100)
   info = methods.InitInfo(num_examples=128, train_labels=train.all_labels(source), num_classes=10,
                           steps_per_epoch=4,
                           student_feature_dim=2 * width, teacher_feature_dim=32,
                           teacher_num_classes=10)
   state = train.init_state(jax.random.key(0), model, method, tx, (8, 8, 1), info)
-  teacher_model = models.build("small_cnn", 10, width=16)
+  teacher_model = models.build("small_cnn", 10, width=16, dtype=dtype)
   teacher_vars = teacher_model.init(jax.random.key(1), jnp.zeros((1, 8, 8, 1)), train=False)
   step = train.make_step(model, method, tx, train.AttackSettings.resolve(config.attack, method),
                          teacher_model, crop_padding=1, flip=False)

@@ -1,0 +1,53 @@
+"""Process-wide settings the command line applies at start-up (a library import changes nothing).
+
+- XLA CPU flags: jaxlib 0.10 routes every convolution to YNNPACK by default, whose weight gradient
+  is slow and scales poorly to 2 cores; `-individual_convolution` keeps convolutions in XLA's own
+  emitter, which measured about 2x faster for a ResNet-18 train step on this project's 2-core CPU
+  with identical logits. The flag only concerns the CPU backend (a GPU or TPU run ignores it) and
+  is set only when the user has not set `XLA_FLAGS` themselves.
+- The persistent compilation cache: the second run of the same command reuses the compiled step
+  instead of compiling again (tens of seconds for a ResNet step on a CPU).
+"""
+
+import os
+import pathlib
+from typing import MutableMapping, Optional
+
+CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
+CACHE_ENV = "GACD_JAX_COMPILATION_CACHE"
+
+
+def set_xla_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
+  """Set this project's XLA CPU flags unless `XLA_FLAGS` is set. Must run before JAX initialises
+  its backends. Returns whether the flags were set."""
+  if "XLA_FLAGS" in environ:
+    return False
+  environ["XLA_FLAGS"] = CPU_XLA_FLAGS
+  return True
+
+
+def default_cache_dir(environ: MutableMapping[str, str] = os.environ) -> Optional[str]:
+  """`$GACD_JAX_COMPILATION_CACHE` ('off' disables), else `$XDG_CACHE_HOME/gacd_jax/jax` or
+  `~/.cache/gacd_jax/jax`."""
+  value = environ.get(CACHE_ENV)
+  if value is not None:
+    return None if value.lower() in ("", "off", "none", "0") else value
+  base = environ.get("XDG_CACHE_HOME") or str(pathlib.Path.home() / ".cache")
+  return str(pathlib.Path(base) / "gacd_jax" / "jax")
+
+
+def enable_compilation_cache(directory: Optional[str]) -> None:
+  """Persist every compiled program (even fast-compiling ones) under `directory`."""
+  if not directory:
+    return
+  import jax  # pylint: disable=g-import-not-at-top
+  pathlib.Path(directory).mkdir(parents=True, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", directory)
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def configure(environ: MutableMapping[str, str] = os.environ) -> None:
+  """What the command line does before anything touches JAX."""
+  set_xla_flags(environ)
+  enable_compilation_cache(default_cache_dir(environ))

@@ -1,0 +1,57 @@
+"""The start-up settings and the precision switch are applied (a regression guard, not a timing
+test)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gacd_jax import cli
+from gacd_jax import config as config_lib
+from gacd_jax import data
+from gacd_jax import runtime
+from gacd_jax import sharding
+from gacd_jax import train
+from tests import test_train
+
+
+def test_xla_flags_are_set_only_when_the_user_has_not_set_them():
+  env = {}
+  assert runtime.set_xla_flags(env) and env["XLA_FLAGS"] == runtime.CPU_XLA_FLAGS
+  env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
+  assert not runtime.set_xla_flags(env) and env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+
+
+def test_compilation_cache_is_on_by_default_and_can_be_moved_or_turned_off(tmp_path):
+  assert runtime.default_cache_dir({"XDG_CACHE_HOME": str(tmp_path)}) == str(
+      tmp_path / "gacd_jax" / "jax")
+  assert runtime.default_cache_dir({runtime.CACHE_ENV: "/somewhere"}) == "/somewhere"
+  assert runtime.default_cache_dir({runtime.CACHE_ENV: "off"}) is None
+
+
+def test_the_command_line_configures_the_runtime_first(monkeypatch):
+  calls = []
+  monkeypatch.setattr(runtime, "configure", lambda: calls.append("configure"))
+  with pytest.raises(SystemExit):  # no --config: a clean error after start-up
+    cli.main(["gacd-jax", "evaluate", "--workdir=/nonexistent"])
+  assert calls == ["configure"]
+
+
+def test_bf16_precision_runs_the_student_in_bf16_and_keeps_fp32_parameters():
+  c = config_lib.default()
+  c.precision = "bf16"
+  config_lib.validate(c)
+  assert config_lib.compute_dtype(c) == jnp.bfloat16
+  c.precision = "fp16"
+  with pytest.raises(Exception, match="precision"):
+    config_lib.validate(c)
+
+  state, teacher_vars, step, batch = test_train._step_setup("ard", dtype=jnp.bfloat16)
+  mesh = sharding.make_mesh()
+  batch = data.to_global(batch, sharding.batch_sharding(mesh))
+  jaxpr = str(jax.make_jaxpr(step)(state, teacher_vars, batch, jax.random.key(0)))
+  assert "conv_general_dilated" in jaxpr and "bf16[" in jaxpr
+  new_state, metrics = train.jit_step(step, mesh)(state, teacher_vars, batch, jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"]))
+  for leaf in jax.tree.leaves((new_state["params"], new_state["opt_state"])):
+    assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
