@@ -29,6 +29,11 @@ commands:
              --arch NAME --torch_checkpoint FILE --out DIR [--num_classes 10] [--image_size 32]
              [--channels 3] [--model_option KEY=INT ...]  (e.g. --arch wrn34_10 for TRADES)
   export-torch  write a run's model as a PyTorch state_dict:  --workdir DIR --out FILE.pt
+  analyse    compare students' features with a teacher's (linear CKA, similarity correlation;
+             clean and under PGD), and with --curves plot accuracy against eps and PGD steps:
+             --runs=DIR,DIR,... --out DIR [--teacher DIR] [--curves] [--config FILE]
+  probe      train a linear probe on a run's frozen features on another dataset and attack
+             probe and backbone end to end:  --workdir DIR --config FILE --out DIR
 
 `gacd-jax COMMAND --help` lists a command's flags.
 """
@@ -152,6 +157,66 @@ def _run_export_torch():
   print(f"wrote the model of {flags.FLAGS.workdir} to {flags.FLAGS.out}")
 
 
+def _define_analyse():
+  _config_flag()
+  flags.DEFINE_list("runs", None, "comma-separated run directories: --runs=DIR_A,DIR_B",
+                    required=True)
+  flags.DEFINE_string("out", None, "directory for structure.* and curves.*", required=True)
+  flags.DEFINE_string("teacher", None, "teacher run to compare the runs' features with; default: "
+                      "the teacher the runs record in run.json")
+  flags.DEFINE_bool("structure", True, "write structure.md/.json/.png (needs a teacher)")
+  flags.DEFINE_bool("curves", False, "also write curves.md/.json, eps_curve.png and "
+                    "steps_curve.png: accuracy against eps and against PGD steps")
+  flags.DEFINE_list("steps", ["1", "2", "5", "10", "20", "50"], "PGD step counts for --curves; "
+                    "the last at least twice the one before")
+  flags.DEFINE_integer("max_examples", 1000, "use the first N test examples (0: all)")
+
+
+def _run_analyse():
+  from gacd_jax import analysis, checkpoints  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  if not (f.structure or f.curves):
+    raise errors.ConfigError("--nostructure without --curves leaves nothing to do")
+  steps = []
+  if f.curves:  # checked before the structure analysis spends minutes
+    try:
+      steps = [int(s) for s in f.steps]
+    except ValueError:
+      raise errors.ConfigError(f"--steps={','.join(f.steps)} must be integers, "
+                               "e.g. --steps=1,2,5,10,20,50") from None
+    analysis.check_steps(steps)
+  # The data and the attack come from --config, else from the first run's own config.
+  config = _required_config() if f.config is not None else checkpoints.read_config(f.runs[0])
+  if f.structure:
+    teacher = f.teacher or analysis.recorded_teacher(f.runs)
+    rows = analysis.analyse_runs(f.runs, teacher, config, max_examples=f.max_examples)
+    print(analysis.write_structure(rows, f.out, teacher_dir=teacher, config=config))
+  if f.curves:
+    rows = analysis.curve_runs(f.runs, config, steps=steps, max_examples=f.max_examples)
+    print(analysis.write_curves(rows, f.out, config=config))
+
+
+def _define_probe():
+  _config_flag()
+  flags.DEFINE_string("workdir", None, "run whose frozen features to probe", required=True)
+  flags.DEFINE_string("out", None, "directory for probe.json and probe.md", required=True)
+  flags.DEFINE_integer("train_steps", 500, "Adam steps of the probe's training")
+  flags.DEFINE_float("learning_rate", 0.01, "the probe's learning rate")
+  flags.DEFINE_float("weight_decay", 1e-4, "the probe's decoupled weight decay")
+  flags.DEFINE_integer("train_batch_size", 1024, "the probe's minibatch (whole split if smaller)")
+  flags.DEFINE_list("attacks", ["clean", "fgsm", "pgd20", "cw"], "attacks to evaluate with")
+
+
+def _run_probe():
+  import pathlib  # pylint: disable=g-import-not-at-top
+  from gacd_jax import probe  # pylint: disable=g-import-not-at-top
+  f = flags.FLAGS
+  settings = probe.ProbeSettings(steps=f.train_steps, learning_rate=f.learning_rate,
+                                 weight_decay=f.weight_decay, batch_size=f.train_batch_size)
+  probe.run_probe(f.workdir, _required_config(), f.out, settings, attacks=f.attacks)
+  print((pathlib.Path(f.out) / "probe.md").read_text())
+
+
 def _required_config():
   config = flags.FLAGS.config
   if config is None:
@@ -169,6 +234,8 @@ COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
     "evaluate": (_define_evaluate, _run_evaluate),
     "import-teacher": (_define_import_teacher, _run_import_teacher),
     "export-torch": (_define_export_torch, _run_export_torch),
+    "analyse": (_define_analyse, _run_analyse),
+    "probe": (_define_probe, _run_probe),
 }
 
 

@@ -36,3 +36,30 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
+
+
+def plot_heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str],
+                 column_labels: Sequence[str], path: str | os.PathLike, *, title: str = "",
+                 vmin: float = 0.0, vmax: float = 1.0) -> None:
+  """A heatmap of `values` [rows][columns], each cell annotated with its value, as a PNG."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  grid = np.asarray(values, dtype=float)
+  fig, ax = plt.subplots(figsize=(1.6 * len(column_labels) + 2, 0.5 * len(row_labels) + 2),
+                         dpi=120)
+  image = ax.imshow(grid, cmap="viridis", vmin=vmin, vmax=vmax, aspect="auto")
+  ax.set_xticks(range(len(column_labels)), column_labels, rotation=20, ha="right")
+  ax.set_yticks(range(len(row_labels)), row_labels)
+  midpoint = (vmin + vmax) / 2
+  for (i, j), value in np.ndenumerate(grid):
+    # Dark text on the bright end of viridis, light text on the dark end.
+    ax.text(j, i, f"{value:.2f}", ha="center", va="center",
+            color="black" if value > midpoint else "white")
+  fig.colorbar(image, ax=ax)
+  if title:
+    ax.set_title(title)
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
