@@ -1,0 +1,417 @@
+"""Time the same training work in gacd_jax (JAX, one jit) and in the eager PyTorch baseline.
+
+  python -m experiments.benchmark --batch 16 --repeats 3             # quick
+  python -m experiments.benchmark --only gacd_step                   # batch 128, ResNet-18 pair
+  XLA_FLAGS= python -m experiments.benchmark ...                     # jaxlib's own XLA CPU flags
+
+(from the checkout's root, which holds the `experiments` package).
+
+Work items (`--only`, comma-separated), on synthetic CIFAR-shaped data:
+  gacd_step   the full GACD step: negatives for the attack and the loss, teacher forward, PGD-10
+              on the contrastive loss, student forward / backward, SGD, memory-bank update
+              (gacd_jax: `train.make_step` + `train.jit_step`; PyTorch: `steps.gacd_step` after
+              two `crd.NegativeSampler` draws)
+  ard_step    the full ARD step (PGD-10 in BatchNorm train mode, teacher forward, KL update)
+  train_step  a natural step (CE on clean inputs)
+  pgd10       PGD-10 on the student's CE, BatchNorm on running statistics
+  forward     the student's eval-mode forward
+Both sides use the same weights (converted with torch_convert) and do the same math; the JAX step's
+augmentation is off (the PyTorch side would augment in its data loader).
+
+Protocol: each work item is compiled (JAX, timed) and warmed up on both sides, then run
+`--repeats` times interleaved (JAX, PyTorch, JAX, ...); the table reports median images/s.
+
+Threads: `--threads N` restricts the process to N CPUs with `sched_setaffinity` (re-executing
+itself so the mask is in place before any library starts a thread pool): XLA's CPU client sizes
+its intra-op pool from the affinity mask (jaxlib 0.10 has no flag for the count; the only one,
+`--xla_cpu_multi_thread_eigen=false`, makes Eigen calls single-threaded) and PyTorch gets
+`torch.set_num_threads(N)`. When other processes keep the CPUs busy, a multi-threaded run waits
+for its descheduled threads at every barrier (PyTorch's OpenMP loops most of all), so compare with
+`--threads 1` too; the header prints the load average. XLA flags: the project's
+(`gacd_jax.runtime`) unless `XLA_FLAGS` is set; the header prints the ones in force.
+
+FLOPs: XLA's cost analysis of each compiled JAX program, used for both sides (same math). XLA
+counts only the multiply-adds that touch real input, not the convolutions' zero padding:
+0.97 GFLOP for a 32x32 ResNet-18 forward, where `torch.utils.flop_counter`'s dense formula gives
+1.11.
+Peak: cores x clock x fp32 FLOPs per cycle per core from /proc/cpuinfo (see `nominal_peak`),
+and a measured ceiling: the best large single-precision matmul in each framework (above the
+nominal peak when the cores boost past the clock /proc/cpuinfo reports).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import statistics
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from experiments.pytorch_baseline import attacks as torch_attacks
+from experiments.pytorch_baseline import crd as torch_crd
+from experiments.pytorch_baseline import models as torch_models
+from experiments.pytorch_baseline import steps as torch_steps
+from gacd_jax import attacks
+from gacd_jax import config as config_lib
+from gacd_jax import data
+from gacd_jax import methods
+from gacd_jax import models
+from gacd_jax import report
+from gacd_jax import runtime
+from gacd_jax import sharding
+from gacd_jax import torch_convert
+from gacd_jax import train
+from gacd_jax.methods import InitInfo
+
+WORKS = ("gacd_step", "ard_step", "train_step", "pgd10", "forward")
+
+
+# ---------------------------------------------------------------------------------------------
+# The machine.
+
+
+def pin_threads(threads: int) -> None:
+  """Restrict the process to its first `threads` CPUs, re-executing it if the mask changes."""
+  cpus = sorted(os.sched_getaffinity(0))
+  if threads > len(cpus):
+    raise SystemExit(f"--threads {threads}: only {len(cpus)} CPUs are available ({cpus})")
+  if threads < len(cpus):
+    os.sched_setaffinity(0, cpus[:threads])
+    os.execv(sys.executable, sys.orig_argv)
+
+
+def _cpuinfo() -> dict[str, str]:
+  """The first processor's fields of /proc/cpuinfo."""
+  info = {}
+  with open("/proc/cpuinfo") as f:
+    for line in f:
+      if not line.strip():
+        break
+      key, _, value = line.partition(":")
+      info[key.strip()] = value.strip()
+  return info
+
+
+def nominal_peak(cores: int) -> tuple[float, str]:
+  """fp32 peak in FLOP/s and how it was derived: cores x clock x FLOPs per cycle per core.
+
+  FLOPs per cycle = FMA pipes x fp32 lanes per pipe x 2 (an FMA is two FLOPs): Zen 4 (AMD family
+  25 with AVX-512) runs 512-bit FMAs on two 256-bit pipes, 2 x 8 x 2 = 32; Zen 5 and Intel server
+  cores with AVX-512 have two 512-bit FMA pipes, 2 x 16 x 2 = 64; AVX2 + FMA cores 2 x 8 x 2 = 32.
+  The clock is /proc/cpuinfo's 'cpu MHz' (under a hypervisor the nominal clock, not boost).
+  """
+  info = _cpuinfo()
+  flags = set(info.get("flags", "").split())
+  ghz = float(info.get("cpu MHz", "0")) / 1000
+  family = int(info.get("cpu family", "0"))
+  amd = info.get("vendor_id") == "AuthenticAMD"
+  if "avx512f" in flags and not (amd and family < 26):
+    per_cycle, why = 64, "2 FMA pipes x 16 fp32 lanes (AVX-512) x 2"
+  elif "avx512f" in flags:
+    per_cycle, why = 32, "2 FMA pipes x 8 fp32 lanes (AVX-512 on 256-bit pipes, Zen 4) x 2"
+  elif "fma" in flags:
+    per_cycle, why = 32, "2 FMA pipes x 8 fp32 lanes (AVX2) x 2"
+  else:
+    per_cycle, why = 8, "no FMA: 2 x 4 fp32 lanes (SSE)"
+  peak = cores * ghz * 1e9 * per_cycle
+  return peak, (f"{cores} cores x {ghz:.2f} GHz x {per_cycle} FLOP/cycle ({why}) = "
+                f"{peak / 1e9:.0f} GFLOP/s [{info.get('model name', '?')}]")
+
+
+def _load() -> str:
+  return ", ".join(f"{x:.1f}" for x in os.getloadavg())
+
+
+def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict[str, float]:
+  """Best-of-`repeats` GFLOP/s of an fp32 `size`^3 matmul in each framework."""
+  flops = 2 * size**3
+  a = np.random.default_rng(0).standard_normal((size, size), np.float32)
+  matmul_jax = jax.jit(lambda x: x @ x)
+  a_jax = jnp.asarray(a)
+  a_torch = torch.from_numpy(a)
+  results = {}
+  for name, run in (("jax", lambda: matmul_jax(a_jax).block_until_ready()),
+                    ("pytorch", lambda: a_torch @ a_torch)):
+    run()
+    times = []
+    for _ in range(repeats):
+      tic = time.perf_counter()
+      run()
+      times.append(time.perf_counter() - tic)
+    results[name] = flops / min(times) / 1e9
+  return results
+
+
+# ---------------------------------------------------------------------------------------------
+# The work.
+
+
+@dataclasses.dataclass
+class Work:
+  """One item of work, runnable in both frameworks. `run_jax` returns something to block on."""
+  name: str
+  run_jax: Callable[[], Any]
+  run_torch: Callable[[], Any]
+  compile_s: float
+  flops: float  # XLA's count for one call
+
+
+def _compile(fn, *args) -> tuple[Any, float, float]:
+  """(compiled executable, lower + compile seconds, XLA's FLOP count)."""
+  tic = time.perf_counter()
+  compiled = fn.lower(*args).compile()
+  seconds = time.perf_counter() - tic
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return compiled, seconds, float(cost.get("flops", 0.0))
+
+
+class Bench:
+  """Both frameworks' models, weights and a synthetic batch, shared by the work items."""
+
+  def __init__(self, args: argparse.Namespace):
+    self.args = args
+    size, batch, classes = args.image_size, args.batch, args.num_classes
+    self.image_shape = (size, size, 3)
+    rng = np.random.default_rng(0)
+    self.train_labels = rng.integers(0, classes, args.num_examples).astype(np.int32)
+    index = rng.choice(args.num_examples, batch, replace=False).astype(np.int32)
+    images = rng.uniform(0, 1, (batch, *self.image_shape)).astype(np.float32)
+    self.mesh = sharding.make_mesh()
+    self.batch = data.to_global(
+        {"image": images, "label": self.train_labels[index], "index": index},
+        sharding.batch_sharding(self.mesh))
+    self.x_t = torch.from_numpy(torch_convert.nhwc_to_nchw(images))
+    self.y_t = torch.from_numpy(self.train_labels[index]).long()
+    self.index_t = torch.from_numpy(index).long()
+
+    self.student, self.student_t, self.student_vars = self._model(args.student, seed=1)
+    self.teacher, self.teacher_t, self.teacher_vars = self._model(args.teacher, seed=2)
+    self.teacher_t.eval()
+    self.config = config_lib.default()
+    self.config.attack.steps = args.attack_steps
+    self.config.method.gacd.num_negatives = args.negatives
+    self.torch_attack = torch_steps.AttackSettings(
+        self.config.attack.eps, self.config.attack.step_size, args.attack_steps)
+
+  def _model(self, name: str, seed: int):
+    """(Flax module, PyTorch module with the same weights, Flax variables)."""
+    module = models.build(name, self.args.num_classes)
+    variables = module.init(jax.random.key(seed), jnp.zeros((1, *self.image_shape)), train=False)
+    torch_model = torch_models.build(name, self.args.num_classes)
+    torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
+                                 torch_convert.flax_to_torch(name, variables).items()})
+    return module, torch_model, variables
+
+  def _info(self) -> InitInfo:
+    return InitInfo(
+        num_examples=self.args.num_examples, train_labels=self.train_labels,
+        steps_per_epoch=self.args.num_examples // self.args.batch,
+        num_classes=self.args.num_classes,
+        student_feature_dim=models.feature_dim(self.student, self.image_shape),
+        teacher_feature_dim=models.feature_dim(self.teacher, self.image_shape),
+        teacher_num_classes=self.args.num_classes)
+
+  def _jax_step(self, method_name: str) -> tuple[Callable[[], Any], float, float, Any]:
+    """A jitted `train.make_step` of the method, state threaded through calls; also returns the
+    initial method params and state (for the PyTorch side)."""
+    cfg = self.config
+    cfg.method.name = method_name
+    method = methods.build(cfg.method)
+    tx = train.make_optimizer(cfg.optim, steps_per_epoch=1, total_steps=1)
+    step = train.make_step(self.student, method, tx,
+                           train.AttackSettings.resolve(cfg.attack, method),
+                           self.teacher if method.uses_teacher else None,
+                           crop_padding=0, flip=False)
+    state = train.init_state(jax.random.key(0), self.student, method, tx, self.image_shape,
+                             self._info())
+    # Copies: the step donates its state, and the other work items still read these.
+    state["params"]["student"] = jax.tree.map(jnp.copy, self.student_vars["params"])
+    state["batch_stats"] = jax.tree.map(jnp.copy, self.student_vars["batch_stats"])
+    state["opt_state"] = tx.init(state["params"])
+    method_params, method_state = jax.device_get(
+        (state["params"]["method"], state["method_state"]))
+    teacher_vars = self.teacher_vars if method.uses_teacher else None
+    rng = jax.random.key(0)
+    compiled, seconds, flops = _compile(train.jit_step(step, self.mesh), state, teacher_vars,
+                                        self.batch, rng)
+    holder = {"state": state}
+
+    def run():
+      holder["state"], metrics = compiled(holder["state"], teacher_vars, self.batch, rng)
+      return metrics
+
+    return run, seconds, flops, (method_params, method_state)
+
+  def _torch_optimizer(self, *extra: torch.nn.Module) -> torch.optim.SGD:
+    params = [p for m in (self.student_t, *extra) for p in m.parameters()]
+    optim = self.config.optim
+    return torch_steps.sgd(params, lr=optim.lr, momentum=optim.momentum,
+                           weight_decay=optim.weight_decay)
+
+  def gacd_step(self) -> Work:
+    run_jax, seconds, flops, (method_params, method_state) = self._jax_step("gacd")
+    c = self.config.method.gacd
+    contrast = torch_crd.ContrastiveDistillation(
+        models.feature_dim(self.student, self.image_shape),
+        models.feature_dim(self.teacher, self.image_shape), self.args.num_examples, c.feat_dim,
+        c.temperature, c.momentum)
+    contrast.load_gacd_jax(method_params, method_state)
+    optimizer = self._torch_optimizer(contrast)
+    sampler = torch_crd.NegativeSampler(self.train_labels, c.num_negatives)
+
+    def run_torch():
+      attack_index = sampler(self.index_t, self.y_t)
+      loss_index = sampler(self.index_t, self.y_t)
+      return torch_steps.gacd_step(self.student_t, self.teacher_t, contrast, optimizer, self.x_t,
+                                   self.y_t, self.index_t, attack_index, loss_index,
+                                   self.torch_attack)
+
+    return Work("gacd_step", run_jax, run_torch, seconds, flops)
+
+  def ard_step(self) -> Work:
+    run_jax, seconds, flops, _ = self._jax_step("ard")
+    c = self.config.method
+    optimizer = self._torch_optimizer()
+    run_torch = lambda: torch_steps.ard_step(
+        self.student_t, self.teacher_t, optimizer, self.x_t, self.y_t, self.torch_attack,
+        alpha=c.ard.alpha, temperature=c.ard.temperature, kl_reduction=c.kl_reduction)
+    return Work("ard_step", run_jax, run_torch, seconds, flops)
+
+  def train_step(self) -> Work:
+    run_jax, seconds, flops, _ = self._jax_step("natural")
+    optimizer = self._torch_optimizer()
+    run_torch = lambda: torch_steps.natural_step(self.student_t, optimizer, self.x_t, self.y_t)
+    return Work("train_step", run_jax, run_torch, seconds, flops)
+
+  def pgd10(self) -> Work:
+    a = self.config.attack
+
+    def pgd(variables, images, labels, rng):
+      apply = lambda x: self.student.apply(variables, x, train=False)[0]
+      return attacks.pgd(attacks.cross_entropy_objective(apply, labels), images, rng, eps=a.eps,
+                         step_size=a.step_size, steps=a.steps, start="uniform", unroll=a.unroll)
+
+    args = (self.student_vars, self.batch["image"], self.batch["label"], jax.random.key(0))
+    compiled, seconds, flops = _compile(jax.jit(pgd), *args)
+
+    def run_torch():
+      self.student_t.eval()
+      return torch_attacks.pgd(torch_attacks.cross_entropy_objective(self.student_t, self.y_t),
+                               self.x_t, eps=a.eps, step_size=a.step_size, steps=a.steps)
+
+    return Work("pgd10", lambda: compiled(*args), run_torch, seconds, flops)
+
+  def forward(self) -> Work:
+    forward = jax.jit(lambda variables, x: self.student.apply(variables, x, train=False))
+    compiled, seconds, flops = _compile(forward, self.student_vars, self.batch["image"])
+
+    def run_torch():
+      self.student_t.eval()
+      with torch.no_grad():
+        return self.student_t(self.x_t)
+
+    return Work("forward", lambda: compiled(self.student_vars, self.batch["image"]), run_torch,
+                seconds, flops)
+
+
+def measure(work: Work, warmup: int, repeats: int) -> dict[str, float]:
+  """Median seconds per call of each side, interleaved after warm-up."""
+  for _ in range(warmup):
+    jax.block_until_ready(work.run_jax())
+    work.run_torch()
+  times = {"jax": [], "torch": []}
+  for _ in range(repeats):
+    tic = time.perf_counter()
+    jax.block_until_ready(work.run_jax())
+    times["jax"].append(time.perf_counter() - tic)
+    tic = time.perf_counter()
+    work.run_torch()
+    times["torch"].append(time.perf_counter() - tic)
+  return {side: statistics.median(t) for side, t in times.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Main.
+
+
+def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--student", default="resnet18", choices=models.names())
+  parser.add_argument("--teacher", default="resnet18", choices=models.names())
+  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--image-size", type=int, default=32)
+  parser.add_argument("--num-classes", type=int, default=10)
+  parser.add_argument("--num-examples", type=int, default=50000,
+                      help="N, the memory banks' rows (CIFAR's training set); must exceed K")
+  parser.add_argument("--negatives", type=int, default=16384, help="K, GACD's NCE negatives")
+  parser.add_argument("--attack-steps", type=int, default=10)
+  parser.add_argument("--repeats", type=int, default=5)
+  parser.add_argument("--warmup", type=int, default=1)
+  parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                      help="CPUs for both frameworks (default: all this process may use)")
+  parser.add_argument("--only", default=",".join(WORKS),
+                      help=f"comma-separated work items among {', '.join(WORKS)}")
+  args = parser.parse_args(argv)
+  unknown = sorted(set(args.only.split(",")) - set(WORKS))
+  if unknown:
+    parser.error(f"--only: unknown work {', '.join(unknown)}; choose from {', '.join(WORKS)}")
+  if args.num_examples <= args.negatives:
+    parser.error(f"--num-examples ({args.num_examples}) must exceed --negatives "
+                 f"({args.negatives}): negatives come from the other classes' examples")
+  return args
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+  args = parse_args(argv)
+  runtime.set_xla_flags()
+  pin_threads(args.threads)
+  torch.set_num_threads(args.threads)
+
+  peak, derivation = nominal_peak(args.threads)
+  ceiling = matmul_ceiling()
+  print(f"# JAX vs PyTorch: {args.student} student, {args.teacher} teacher, batch {args.batch}, "
+        f"{args.image_size}x{args.image_size}, K={args.negatives}, N={args.num_examples}\n")
+  print(f"- command: `python -m experiments.benchmark {' '.join(argv or sys.argv[1:])}`")
+  print(f"- jax {jax.__version__}, torch {torch.__version__}, python {platform.python_version()}")
+  print(f"- threads: {args.threads} (CPUs {sorted(os.sched_getaffinity(0))}; "
+        f"torch.get_num_threads() = {torch.get_num_threads()}; XLA sizes its pool from the "
+        f"affinity mask)")
+  print(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`")
+  print(f"- nominal fp32 peak: {derivation}")
+  print(f"- measured fp32 matmul (2048^3): JAX {ceiling['jax']:.0f} GFLOP/s, "
+        f"PyTorch {ceiling['pytorch']:.0f} GFLOP/s")
+  print(f"- median of {args.repeats} interleaved runs after {args.warmup} warm-up(s); load "
+        f"average before: {_load()}", flush=True)
+
+  bench = Bench(args)
+  rows = []
+  for name in args.only.split(","):
+    work = getattr(bench, name)()
+    timing = measure(work, args.warmup, args.repeats)
+    jax_rate, torch_rate = work.flops / timing["jax"], work.flops / timing["torch"]
+    rows.append({
+        "work": name,
+        "JAX img/s": f"{args.batch / timing['jax']:.1f}",
+        "PyTorch img/s": f"{args.batch / timing['torch']:.1f}",
+        "JAX/PyTorch": f"{timing['torch'] / timing['jax']:.2f}",
+        "JAX compile s": f"{work.compile_s:.1f}",
+        "GFLOP/img": f"{work.flops / args.batch / 1e9:.2f}",
+        "JAX GFLOP/s (% peak)": f"{jax_rate / 1e9:.0f} ({100 * jax_rate / peak:.0f}%)",
+        "PyTorch GFLOP/s (% peak)": f"{torch_rate / 1e9:.0f} ({100 * torch_rate / peak:.0f}%)",
+    })
+    print(f"{name}: done", file=sys.stderr, flush=True)
+  print(f"- load average after: {_load()} (other processes on these CPUs slow both sides)\n")
+  print(report.markdown_table(rows))
+
+
+if __name__ == "__main__":
+  main()
