@@ -1,4 +1,5 @@
-"""Each method's published training recipe, and the config builder the CIFAR and STL-10 configs share.
+"""Each method's published training recipe, and the config builder shared by the CIFAR and STL-10
+configs.
 
 Not a config file (it has no `get_config`): `cifar10.py`, `cifar100.py`, `stl10.py` and
 `digits.py` load it by path, because `configs/` is not a package.
@@ -10,11 +11,12 @@ lowers the rate from the (m + 1)-th epoch on, so a script that counts from 1 and
 
   method  epochs  milestones       lr     wd     batch  KL reduction  source
   natural  200    100, 150         0.1    5e-4   128    -             common practice (no paper)
-  pgd_at   200    100, 150         0.1    2e-4   128    -             Madry et al. cifar10_challenge:
+  pgd_at   200    100, 150         0.1    2e-4   128    -             MadryLab/cifar10_challenge:
                                                                       80k steps of 128 (~205
                                                                       epochs), x0.1 at 40k, 60k
   trades    76    74               0.1    2e-4   128    batchmean     yaodongyu/TRADES
-  ard      200    100, 150         0.1    2e-4   128    mean          goldblum/ARD main.py
+  ard      200    100, 150         0.1    2e-4   128    mean          goldblum/AdversariallyRobust-
+                                                                      Distillation main.py
   rslad    300    215, 260, 285    0.1    2e-4   128    mean          zibojia/RSLAD
   iad      200    100, 150         0.1    2e-4   128    batchmean     ZFancy/IAD IAD-I.py
   adaad    200    100, 150         0.1    5e-4   128    mean          boyellow/AdaAD main.py
@@ -37,7 +39,8 @@ What changes elsewhere, as in the same code:
   * STL-10 (5,000 labelled images) uses the CIFAR-10 recipe of the method: no paper publishes its
     own.
 
-A config argument is a comma-separated list of tokens in any order, e.g. `ard,mobilenet_v2,runlocal`:
+A config argument is a comma-separated list of tokens in any order, e.g.
+`ard,mobilenet_v2,runlocal`:
   a method name      the method (default gacd)
   a model name       the student's architecture (default resnet18), any of `gacd_jax.models.names()`
   teacher            the robust teacher itself: wrn34_10 with TRADES (or with pgd_at / natural if

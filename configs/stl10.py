@@ -45,8 +45,8 @@ def get_config(arg: str = "gacd,resnet18"):
   recipes = _recipes()
   c = recipes.student_config(
       "stl10", arg, image_size=32, allowed_methods=METHODS,
-      why_not="the CIFAR-10 teacher's class probabilities do not describe STL-10's classes, so only "
-      "feature-based distillation transfers across the task.",
+      why_not="the CIFAR-10 teacher's class probabilities do not describe STL-10's classes, so "
+      "only feature-based distillation transfers across the task.",
       teacher_config="configs/cifar10.py:teacher")
   # Cross-task: no teacher probability of an STL-10 label exists, although both have 10 classes.
   c.method.gacd.reweighting = "none"

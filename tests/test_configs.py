@@ -21,7 +21,8 @@ NUM_CLASSES = {"digits": 10, "cifar10": 10, "cifar100": 100, "stl10": 10}
 
 
 def load(spec: str, *overrides: str):
-  """`spec` ('cifar10.py:ard,resnet18') loaded by ml_collections' `--config` flag, as the CLI does."""
+  """`spec` ('cifar10.py:ard,resnet18') loaded by ml_collections' `--config` flag, as the CLI
+  does."""
   argv = ["test", f"--config={os.path.join(CONFIGS, spec)}", *overrides]
   flag_values = flags.FlagValues()
   config_flags.DEFINE_config_file("config", None, "", flag_values=flag_values, lock_config=True,
@@ -134,7 +135,8 @@ def test_adaad_iad_gacd_recipes():
   assert (c10.method.kl_reduction, c100.method.kl_reduction) == ("mean", "batchmean")
   assert (c10.optim.weight_decay, c10.train.epochs, c10.optim.milestones) == (5e-4, 200, (100, 150))
   c = load("cifar10.py:iad,resnet18")
-  assert (c.method.iad.warmup_epochs, c.method.kl_reduction, c.train.epochs) == (60, "batchmean", 200)
+  assert (c.method.iad.warmup_epochs, c.method.kl_reduction, c.train.epochs) == (
+      60, "batchmean", 200)
   c = load("cifar10.py:gacd,resnet18")
   assert (c.train.epochs, c.optim.milestones, c.optim.weight_decay, c.train.batch_size) == (
       200, (100, 150), 2e-4, 128)
