@@ -1,5 +1,5 @@
 """CIFAR-10: ResNet-18 and MobileNetV2 students from a robust WRN-34-10 teacher, every method with
-its paper's recipe (the table in `configs/recipes.py`).
+its paper's recipe (the table in `gacd_jax/recipes.py`).
 
 The argument after ':' is a comma-separated list: a method (default gacd), a student architecture
 (default resnet18; mobilenet_v2 for the other student), 'teacher' for the teacher itself, and
@@ -25,18 +25,8 @@ The argument after ':' is a comma-separated list: a method (default gacd), a stu
       --config.teacher.workdir=runs/cifar10/teacher
 """
 
-import importlib.util
-import pathlib
-
-
-def _recipes():
-  # configs/ is not a package: its shared module is loaded by path.
-  path = pathlib.Path(__file__).with_name("recipes.py")
-  spec = importlib.util.spec_from_file_location("gacd_jax_configs_recipes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from gacd_jax import recipes
 
 
 def get_config(arg: str = "gacd,resnet18"):
-  return _recipes().student_config("cifar10", arg)
+  return recipes.student_config("cifar10", arg)

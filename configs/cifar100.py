@@ -1,6 +1,7 @@
 """CIFAR-100: ResNet-18 and MobileNetV2 students from a robust WRN-34-10 teacher of 100 classes,
-every method with its paper's recipe (the table in `configs/recipes.py`; on CIFAR-100 ARD's batch is
-256, AdaAD's KL is reduced by the batch, and RSLAD's and CRDND's KL weights are 10x, as their code).
+every method with its paper's recipe (the table in `gacd_jax/recipes.py`; on CIFAR-100 ARD's batch
+is 256, AdaAD's KL is reduced by the batch, and RSLAD's and CRDND's KL weights are 10x, as their
+code).
 
 The argument after ':' is a comma-separated list: a method (default gacd), a student architecture
 (default resnet18; mobilenet_v2 for the other student), 'teacher' for the teacher itself, and
@@ -26,18 +27,8 @@ The argument after ':' is a comma-separated list: a method (default gacd), a stu
       --config.teacher.workdir=runs/cifar100/teacher
 """
 
-import importlib.util
-import pathlib
-
-
-def _recipes():
-  # configs/ is not a package: its shared module is loaded by path.
-  path = pathlib.Path(__file__).with_name("recipes.py")
-  spec = importlib.util.spec_from_file_location("gacd_jax_configs_recipes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from gacd_jax import recipes
 
 
 def get_config(arg: str = "gacd,resnet18"):
-  return _recipes().student_config("cifar100", arg)
+  return recipes.student_config("cifar100", arg)

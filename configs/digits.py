@@ -10,19 +10,17 @@ iad, adaad, kd, gacd, crd or crdnd. pgd_at and trades train teachers, small_cnn 
 other method trains a student of width 8 (natural as the undefended reference), and those that
 distil expect a small_cnn teacher (`config.teacher.model`), e.g. the pgd_at run above.
 
-Each method keeps the loss conventions of its code, as in the CIFAR configs (`configs/recipes.py`):
+Each method keeps the loss conventions of its code, as in the CIFAR configs (`gacd_jax/recipes.py`):
 the KL reduction ('mean' over batch x classes for ARD, RSLAD, AdaAD, CRDND). Scaled to digits: the
 schedule is `demo.digits_config`'s (30 epochs, cosine, eps 0.15); IAD's introspection term starts
 after 9 of the 30 epochs (60 of 200 in its recipe); GACD and CRD draw 1024 negatives, fewer than
 the ~1,290 training examples of other classes, so they are drawn without replacement as CRD does.
 """
 
-import importlib.util
-import pathlib
-
 from gacd_jax import demo
 from gacd_jax import errors
 from gacd_jax import methods
+from gacd_jax import recipes
 
 EPOCHS = 30
 TEACHER_WIDTH, STUDENT_WIDTH = 32, 8
@@ -30,21 +28,11 @@ TEACHER_METHODS = ("pgd_at", "trades")
 NUM_NEGATIVES = 1024
 
 
-def _recipes():
-  # configs/ is not a package: its shared module is loaded by path.
-  path = pathlib.Path(__file__).with_name("recipes.py")
-  spec = importlib.util.spec_from_file_location("gacd_jax_configs_recipes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(method: str = "pgd_at"):
   method = method or "pgd_at"
   if method not in methods.names():
     raise errors.ConfigError(f"unknown method {method!r} in configs/digits.py:{method}; known "
                              f"methods: {', '.join(methods.names())}")
-  recipes = _recipes()
   teacher = method in TEACHER_METHODS
   c = demo.digits_config(method, width=TEACHER_WIDTH if teacher else STUDENT_WIDTH, epochs=EPOCHS)
   c.method.kl_reduction = recipes.RECIPES[method].kl_reduction

@@ -8,7 +8,7 @@ and the shared classes sit at other indices), so the teacher's probabilities say
 STL-10 label: soft-label methods (ard, rslad, iad, adaad, kd, crdnd) are refused, and GACD's sample
 reweighting is set to 'none' explicitly (its 'auto' would turn reweighting on, since the class
 counts match). Natural, PGD-AT and TRADES students (no teacher) are the reference points. Each
-method uses its CIFAR-10 recipe (`configs/recipes.py`); the contrastive methods draw 4096 negatives
+method uses its CIFAR-10 recipe (`gacd_jax/recipes.py`); the contrastive methods draw 4096 negatives
 instead of 16384, fewer than the ~4,500 examples of other classes, so they are drawn without
 replacement as CRD does.
 
@@ -24,25 +24,14 @@ laptop. The data is tfds' stl10 in array_record format (`--config.data.data_dir=
   gacd-jax evaluate --config configs/stl10.py:gacd,resnet18 --workdir runs/stl10/gacd_resnet18
 """
 
-import importlib.util
-import pathlib
+from gacd_jax import recipes
 
 # Methods that need only the teacher's features, and those without a teacher.
 METHODS = ("gacd", "crd", "natural", "pgd_at", "trades")
 NUM_NEGATIVES = 4096
 
 
-def _recipes():
-  # configs/ is not a package: its shared module is loaded by path.
-  path = pathlib.Path(__file__).with_name("recipes.py")
-  spec = importlib.util.spec_from_file_location("gacd_jax_configs_recipes", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def get_config(arg: str = "gacd,resnet18"):
-  recipes = _recipes()
   c = recipes.student_config(
       "stl10", arg, image_size=32, allowed_methods=METHODS,
       why_not="the CIFAR-10 teacher's class probabilities do not describe STL-10's classes, so "

@@ -1,8 +1,8 @@
 """Each method's published training recipe, and the config builder shared by the CIFAR and STL-10
 configs.
 
-Not a config file (it has no `get_config`): `cifar10.py`, `cifar100.py`, `stl10.py` and
-`digits.py` load it by path, because `configs/` is not a package.
+The config files in `configs/` (`cifar10.py`, `cifar100.py`, `stl10.py`, `digits.py`) build on it;
+it lives in the library so they can import it.
 
 The recipes (CIFAR-10, from each method's public code; METHODS.md sections 3 and 5). SGD with
 momentum 0.9, the learning rate times 0.1 at each milestone. Epochs count from 0 here: milestone m
