@@ -1,0 +1,228 @@
+"""AutoAttack: threat-model constraints, the ensemble's worst case, the official checks, and parity
+of the losses, the APGD schedule and APGD-CE with independent references (numpy, pyautoattack).
+
+Everything runs on a tanh MLP trained on 8x8 digits with few iterations and queries.
+"""
+
+import functools
+import math
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+
+from gacd_jax import autoattack as aa
+from gacd_jax import losses
+
+EPS = {"Linf": 0.1, "L2": 0.7}
+
+
+def _mlp(w, xx):
+  """A 64-32-10 tanh MLP: `[B, 8, 8, 1] -> [B, 10]`."""
+  hidden = jnp.tanh(xx.reshape(xx.shape[0], -1) @ w["k1"] + w["b1"])
+  return hidden @ w["k2"] + w["b2"]
+
+
+@pytest.fixture(scope="module")
+def trained():
+  """`(weights, x, y)`: the MLP trained on 1000 digits, and 128 held-out digits."""
+  digits = load_digits()
+  x = jnp.asarray(digits.images[:, :, :, None] / 16.0, jnp.float32)
+  y = jnp.asarray(digits.target, jnp.int32)
+  k1, k2 = jax.random.split(jax.random.key(0))
+  w = {"k1": 0.1 * jax.random.normal(k1, (64, 32)), "b1": jnp.zeros(32),
+       "k2": 0.1 * jax.random.normal(k2, (32, 10)), "b2": jnp.zeros(10)}
+  grad = jax.jit(jax.grad(lambda w: losses.cross_entropy(_mlp(w, x[:1000]), y[:1000]).mean()))
+  for _ in range(300):
+    w = jax.tree.map(lambda p, g: p - 0.5 * g, w, grad(w))
+  assert losses.accuracy(_mlp(w, x[1000:]), y[1000:]) > 0.9
+  return w, np.asarray(x[1000:1128]), np.asarray(y[1000:1128])
+
+
+@pytest.fixture(scope="module")
+def mlp(trained):
+  """`(f, x, y)`: the trained MLP as a function of images, and the held-out digits."""
+  w, x, y = trained
+  return functools.partial(_mlp, w), x, y
+
+
+def _distance(x_adv, x, norm):
+  delta = (np.asarray(x_adv) - x).reshape(len(x), -1)
+  return np.abs(delta).max(1) if norm == "Linf" else np.linalg.norm(delta, axis=1)
+
+
+def _keys(n, seed=0):
+  return jax.vmap(jax.random.fold_in, in_axes=(None, 0))(jax.random.key(seed), jnp.arange(n))
+
+
+def _model(f):
+  return lambda xx, key: f(xx)
+
+
+def test_dlr_losses_equal_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(32, 10)).astype(np.float32) * 3
+  labels = rng.integers(10, size=32)
+  labels[:8] = logits[:8].argmax(1)  # some correctly classified, some not
+  targets = (labels + 1 + rng.integers(9, size=32)) % 10
+
+  top = -np.sort(-logits, axis=1)
+  z_y = logits[np.arange(32), labels]
+  others = np.where(np.eye(10, dtype=bool)[labels], -np.inf, logits).max(1)
+  expected = -(z_y - others) / (top[:, 0] - top[:, 2] + 1e-12)
+  expected_targeted = -(z_y - logits[np.arange(32), targets]) / (
+      top[:, 0] - 0.5 * (top[:, 2] + top[:, 3]) + 1e-12)
+
+  np.testing.assert_allclose(aa.dlr_loss(jnp.asarray(logits), jnp.asarray(labels)), expected,
+                             rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(
+      aa.dlr_targeted_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(targets)),
+      expected_targeted, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("n_iter", [100, 200, 1000])
+def test_apgd_checkpoints_follow_the_paper(n_iter):
+  # p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06); w_j = ceil(p_j N).
+  p = [0.0, 0.22]
+  while p[-1] + max(p[-1] - p[-2] - 0.03, 0.06) <= 1.0 + 1e-9:
+    p.append(p[-1] + max(p[-1] - p[-2] - 0.03, 0.06))
+  expected = [math.ceil(pj * n_iter - 1e-6) for pj in p[1:]]
+  assert aa.apgd_checkpoints(n_iter) == expected
+  if n_iter == 100:
+    assert expected == [22, 41, 57, 70, 80, 87, 93, 99]
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_apgd_and_square_stay_in_the_ball_and_the_image_range(mlp, norm):
+  f, x, y = mlp
+  eps = EPS[norm]
+  keys, model_key = _keys(len(x)), jax.random.key(1)
+  runs = {"apgd": functools.partial(aa.apgd, loss="ce", n_iter=10),
+          "square": functools.partial(aa.square, n_queries=60)}
+  for name, attack in runs.items():
+    run = jax.jit(functools.partial(attack, _model(f), eps=eps, norm=norm))
+    x_adv, fooled = run(jnp.asarray(x), jnp.asarray(y), keys, model_key)
+    x_adv, fooled = np.asarray(x_adv), np.asarray(fooled)
+    assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0, name
+    assert _distance(x_adv, x, norm).max() <= eps + 1e-5, name
+    assert fooled.any(), name
+    np.testing.assert_array_equal(np.asarray(f(x_adv)).argmax(1)[fooled] != y[fooled], True)
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_fab_outputs_are_images_and_count_only_within_eps(mlp, norm):
+  f, x, y = mlp
+  eps = EPS[norm] / 2  # small, so some minimal perturbations found are larger
+  run = jax.jit(functools.partial(aa.fab, _model(f), eps=eps, norm=norm, n_iter=10,
+                                  n_target_classes=2))
+  x_adv, fooled = run(jnp.asarray(x), jnp.asarray(y), _keys(len(x)), jax.random.key(1))
+  x_adv, fooled = np.asarray(x_adv), np.asarray(fooled)
+  assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
+  dist = _distance(x_adv, x, norm)
+  wrong = np.asarray(f(x_adv)).argmax(1) != y
+  assert fooled.any()
+  assert np.all(dist[fooled] <= eps) and np.all(wrong[fooled])
+  assert np.any(wrong & (dist > eps) & ~fooled)  # found, but outside the ball: not counted
+
+
+def test_ensemble_is_the_worst_case_of_its_attacks(mlp):
+  f, x, y = mlp
+  kw = dict(eps=EPS["Linf"], n_iter=10, n_queries=100, batch_size=64, progress=False)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", aa.AutoAttackWarning)  # a clean deterministic model: no flags
+    standard = aa.evaluate(f, x, y, version="standard", **kw)
+  assert standard.attacks == aa.VERSION_ATTACKS["standard"]
+  assert standard.robust_accuracy <= standard.clean_accuracy
+  accuracies = [standard.accuracy_after[a] for a in standard.attacks]
+  assert accuracies == sorted(accuracies, reverse=True)
+  assert standard.robust_accuracy == accuracies[-1] == standard.robust.mean()
+
+  # Every returned point is an image in the ball; every broken example is misclassified there.
+  assert standard.x_adv.min() >= 0.0 and standard.x_adv.max() <= 1.0
+  assert _distance(standard.x_adv, x, "Linf").max() <= EPS["Linf"] + 1e-6
+  broken = standard.broken_by >= 1
+  assert np.all(np.asarray(f(standard.x_adv)).argmax(1)[broken] != y[broken])
+  assert np.all(standard.robust == (standard.broken_by == -1))
+  assert {standard.broken_by_name[i] for i in np.flatnonzero(broken)} <= set(standard.attacks)
+
+  for name in standard.attacks:
+    alone = aa.evaluate(f, x, y, version="custom", attacks_to_run=[name], **kw)
+    assert standard.robust_accuracy <= alone.robust_accuracy, name
+    # Per-example random numbers: what an attack breaks alone, it breaks in the ensemble too.
+    assert not np.any(standard.robust & ~alone.robust), name
+
+
+def test_masked_gradients_warn_and_square_still_breaks(mlp):
+  f, x, y = mlp
+  quantised = lambda xx: f(jnp.round(xx * 8) / 8)  # zero gradient almost everywhere
+  with pytest.warns(aa.AutoAttackWarning, match="zero gradient"):
+    result = aa.evaluate(quantised, x, y, eps=0.15, version="custom",
+                         attacks_to_run=["apgd-ce", "square"], n_iter=5, n_queries=300,
+                         batch_size=128, progress=False)
+  by_square = np.sum(np.asarray(result.broken_by_name) == "square")
+  assert by_square > 0
+  assert result.accuracy_after["square"] < result.accuracy_after["apgd-ce"]
+
+
+def test_the_output_and_randomness_checks(mlp):
+  f, x, y = mlp
+  noisy = lambda xx, key: f(xx + 0.05 * jax.random.normal(key, xx.shape))
+  with pytest.warns(aa.AutoAttackWarning, match="probability distribution"):
+    aa.check_range_output(np.asarray(jax.nn.softmax(f(x))))
+  with pytest.warns(aa.AutoAttackWarning, match="randomized defense"):
+    aa.check_randomized(noisy, jnp.asarray(x), y)
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", aa.AutoAttackWarning)
+    aa.check_range_output(np.asarray(f(x)))
+    aa.check_randomized(_model(f), jnp.asarray(x), y)
+
+
+def test_evaluate_runs_the_checks_and_the_rand_version(mlp):
+  f, x, y = mlp
+  noisy = lambda xx, key: f(xx + 0.05 * jax.random.normal(key, xx.shape))
+  with pytest.warns(aa.AutoAttackWarning) as caught:
+    aa.evaluate(lambda xx, key: jax.nn.softmax(noisy(xx, key)), x[:64], y[:64], randomized=True,
+                version="custom", attacks_to_run=["apgd-ce"], n_iter=2, batch_size=64,
+                progress=False)
+  messages = " ".join(str(w.message) for w in caught)
+  assert "randomized defense" in messages and "probability distribution" in messages
+
+  with warnings.catch_warnings():
+    warnings.simplefilter("error", aa.AutoAttackWarning)  # 'rand' expects randomness
+    result = aa.evaluate(noisy, x[:64], y[:64], randomized=True, version="rand", n_iter=3,
+                         eot_iter=4, batch_size=64, progress=False)
+  assert result.attacks == ("apgd-ce", "apgd-dlr")
+  assert result.robust_accuracy < result.clean_accuracy
+
+
+@pytest.mark.slow
+def test_apgd_ce_matches_the_official_package(trained):
+  """APGD-CE (100 iterations, 1 restart, seed 0) in pyautoattack, on the same MLP in PyTorch."""
+  torch = pytest.importorskip("torch")
+  pyautoattack = pytest.importorskip("pyautoattack")
+  w, x, y = trained
+  x, y = x[:64], y[:64]
+  torch_w = {k: torch.from_numpy(np.array(v)) for k, v in w.items()}
+
+  class TorchMLP(torch.nn.Module):
+    def forward(self, xx):  # [B, 1, 8, 8]: with one channel, NCHW flattens like NHWC
+      hidden = torch.tanh(xx.reshape(xx.shape[0], -1) @ torch_w["k1"] + torch_w["b1"])
+      return hidden @ torch_w["k2"] + torch_w["b2"]
+
+  adversary = pyautoattack.AutoAttack(TorchMLP(), norm="Linf", eps=EPS["Linf"], version="custom",
+                                      attacks=["apgd-ce"], seed=0)
+  adversary.apgd.n_restarts = 1
+  with torch.no_grad():
+    _, y_adv = adversary.run_standard_evaluation(
+        torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long(),
+        batch_size=64)
+  official = np.mean(y_adv.numpy() == y)
+
+  ours = aa.evaluate(functools.partial(_mlp, w), x, y, eps=EPS["Linf"], version="custom",
+                     attacks_to_run=["apgd-ce"], batch_size=64, progress=False)
+  assert ours.clean_accuracy > ours.robust_accuracy > 0.2  # a test that can tell them apart
+  # Each side draws its own random starts: one example near the boundary may go either way.
+  assert abs(ours.robust_accuracy - official) <= 1 / 64
