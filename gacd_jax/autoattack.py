@@ -20,6 +20,17 @@ running one attack alone breaks at least the examples it breaks inside the ensem
 Each per-batch attack (`apgd`, `fab`, `square`) takes the model as `model(x, key) -> logits`, where
 `key` feeds the model's own randomness (a randomized defense; deterministic models ignore it), and
 returns `(x_adv, fooled)`.
+
+Where this differs from the official code (pyautoattack 0.2.0):
+  * APGD's first checkpoint counts loss increases from the starting point, as the paper states;
+    the official code compares the first step's loss with 0 (an index wrap-around).
+  * Square draws its window and signs per example, not once per batch (the same distribution for
+    each example, and no dependence on the batch).
+  * The zero-gradient check runs once, on the first batch's clean points; the official one runs
+    at every APGD-DLR start.
+  * `fab` returns the closest misclassified point even beyond eps (only those within eps count).
+  * For a deterministic model, 'rand' takes one gradient per step instead of 20 equal ones.
+  * There is no check for dynamic defenses: a jitted function has no Python-level calls to trace.
 """
 
 from __future__ import annotations
@@ -888,7 +899,9 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
   for stage, name in enumerate(names, start=1):
     tic = time.perf_counter()
     attack, kw = settings[name]
-    run = _batch_attack(apply_fn, randomized, attack, tuple(sorted(kw.items())), norm)
+    # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
+    make = _batch_attack if _hashable(apply_fn) else _batch_attack.__wrapped__
+    run = make(apply_fn, randomized, attack, tuple(sorted(kw.items())), norm)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
     todo = np.flatnonzero(robust)
     n_batches = -(-len(todo) // batch_size)
@@ -909,6 +922,14 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
       robust_accuracy=float(robust.mean()), clean_accuracy=clean_accuracy,
       x_adv=x_adv, robust=robust, broken_by=broken_by, attacks=names,
       accuracy_after=accuracy_after, seconds=seconds, version=version, norm=norm, eps=eps)
+
+
+def _hashable(obj) -> bool:
+  try:
+    hash(obj)
+  except TypeError:
+    return False
+  return True
 
 
 @functools.lru_cache(maxsize=32)

@@ -112,12 +112,12 @@ def test_apgd_and_square_stay_in_the_ball_and_the_image_range(mlp, norm):
     np.testing.assert_array_equal(np.asarray(f(x_adv)).argmax(1)[fooled] != y[fooled], True)
 
 
-@pytest.mark.parametrize("norm", ["Linf", "L2"])
-def test_fab_outputs_are_images_and_count_only_within_eps(mlp, norm):
+@pytest.mark.parametrize("norm,targeted", [("Linf", True), ("L2", True), ("Linf", False)])
+def test_fab_outputs_are_images_and_count_only_within_eps(mlp, norm, targeted):
   f, x, y = mlp
   eps = EPS[norm] / 2  # small, so some minimal perturbations found are larger
-  run = jax.jit(functools.partial(aa.fab, _model(f), eps=eps, norm=norm, n_iter=10,
-                                  n_target_classes=2))
+  run = jax.jit(functools.partial(aa.fab, _model(f), eps=eps, norm=norm, targeted=targeted,
+                                  n_iter=10, n_target_classes=2))
   x_adv, fooled = run(jnp.asarray(x), jnp.asarray(y), _keys(len(x)), jax.random.key(1))
   x_adv, fooled = np.asarray(x_adv), np.asarray(fooled)
   assert x_adv.min() >= 0.0 and x_adv.max() <= 1.0
@@ -126,6 +126,39 @@ def test_fab_outputs_are_images_and_count_only_within_eps(mlp, norm):
   assert fooled.any()
   assert np.all(dist[fooled] <= eps) and np.all(wrong[fooled])
   assert np.any(wrong & (dist > eps) & ~fooled)  # found, but outside the ball: not counted
+
+
+@pytest.mark.parametrize("norm", ["Linf", "L2"])
+def test_fab_projection_equals_a_bisection(norm):
+  """The step to the hyperplane w . z = b inside the box: d(lam) = clip(lam * v, -t, 1 - t) along
+  v = sign(w) (Linf) or w (L2), towards the plane, with lam found by bisection."""
+  rng = np.random.default_rng(0)
+  n, dim = 64, 20
+  t = rng.uniform(size=(n, dim))
+  t[:, :4] = rng.integers(0, 2, size=(n, 4))  # some coordinates at the bounds
+  w = rng.normal(size=(n, dim))
+  w[:, -2:] = 0.0
+  b = (w * t).sum(1) + rng.normal(size=n) * rng.choice([0.1, 1.0, 30.0], size=n)
+
+  needed = b - (w * t).sum(1)
+  v = np.sign(needed)[:, None] * (np.sign(w) if norm == "Linf" else w)
+
+  def step(lam):
+    return np.clip(lam[:, None] * v, -t, 1 - t)
+
+  low, high = np.zeros(n), np.full(n, 1e6)
+  for _ in range(200):
+    mid = (low + high) / 2
+    short = np.abs((w * step(mid)).sum(1)) < np.abs(needed)
+    low, high = np.where(short, mid, low), np.where(short, high, mid)
+  expected = step(high)  # the box corner where the plane is out of reach
+
+  project = jax.jit(aa.project_onto_hyperplane, static_argnums=3)
+  got = project(jnp.asarray(t, jnp.float32), jnp.asarray(w, jnp.float32),
+                jnp.asarray(b, jnp.float32), norm)
+  np.testing.assert_allclose(got, expected, atol=2e-4)
+  reachable = np.abs((w * expected).sum(1) - needed) < 1e-6
+  assert 0 < reachable.sum() < n  # both cases occur
 
 
 def test_ensemble_is_the_worst_case_of_its_attacks(mlp):
@@ -158,12 +191,14 @@ def test_ensemble_is_the_worst_case_of_its_attacks(mlp):
 def test_masked_gradients_warn_and_square_still_breaks(mlp):
   f, x, y = mlp
   quantised = lambda xx: f(jnp.round(xx * 8) / 8)  # zero gradient almost everywhere
-  with pytest.warns(aa.AutoAttackWarning, match="zero gradient"):
+  with pytest.warns(aa.AutoAttackWarning) as caught:
     result = aa.evaluate(quantised, x, y, eps=0.15, version="custom",
                          attacks_to_run=["apgd-ce", "square"], n_iter=5, n_queries=300,
                          batch_size=128, progress=False)
-  by_square = np.sum(np.asarray(result.broken_by_name) == "square")
-  assert by_square > 0
+  messages = " ".join(str(w.message) for w in caught)
+  assert "zero gradient" in messages
+  assert "Square lowered the robust accuracy" in messages
+  assert np.sum(np.asarray(result.broken_by_name) == "square") > 0
   assert result.accuracy_after["square"] < result.accuracy_after["apgd-ce"]
 
 
@@ -217,7 +252,7 @@ def test_apgd_ce_matches_the_official_package(trained):
   adversary.apgd.n_restarts = 1
   with torch.no_grad():
     _, y_adv = adversary.run_standard_evaluation(
-        torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.from_numpy(y).long(),
+        torch.tensor(x).permute(0, 3, 1, 2).contiguous(), torch.tensor(y).long(),
         batch_size=64)
   official = np.mean(y_adv.numpy() == y)
 
