@@ -712,7 +712,7 @@ def check_zero_gradients(model: Model, x: jax.Array, y: jax.Array) -> None:
     loss = dlr_loss(logits, y) if logits.shape[-1] >= 3 else losses.cross_entropy(logits, y)
     return loss.sum()
 
-  grad = np.asarray(jax.jit(jax.grad(total))(x)).reshape(len(x), -1)
+  grad = np.asarray(jax.grad(total)(x)).reshape(len(x), -1)
   zero = int(np.sum(np.all(grad == 0, axis=-1)))
   if zero:
     _warn(f"{zero} of {len(x)} points ({100 * zero / len(x):.0f}%) have zero gradient: the "
@@ -830,7 +830,20 @@ def _batches(indices: np.ndarray, batch_size: int):
     yield np.pad(part, (0, pad)), np.arange(batch_size) < len(part)
 
 
-def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Linf",
+@dataclasses.dataclass(frozen=True)
+class _WithParams:
+  """`apply_fn` as `(params, x, key) -> logits`, whatever form the user gave it in. Hashable (and
+  equal) whenever `apply_fn` is, so the compiled attacks are cached per model function."""
+  apply_fn: Callable
+  randomized: bool
+  takes_params: bool
+
+  def __call__(self, params, x, key):
+    args = (params, x) if self.takes_params else (x,)
+    return self.apply_fn(*args, key) if self.randomized else self.apply_fn(*args)
+
+
+def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, norm: Norm = "Linf",
              version: str = "standard", attacks_to_run: Sequence[str] | None = None,
              batch_size: int = 256, seed: int = 0, randomized: bool = False, n_iter: int = 100,
              n_queries: int = 5000, n_target_classes: int = 9, eot_iter: int = 20, mesh=None,
@@ -839,8 +852,12 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
 
   Args:
     apply_fn: images `[B, H, W, C]` in [0, 1] -> logits `[B, K]`; with `randomized`, `(images,
-      key) -> logits` for a model with its own randomness.
+      key) -> logits` for a model with its own randomness. With `params`, `params` comes first:
+      `(params, images[, key])`.
     x: `[N, H, W, C]` in [0, 1]; y: `[N]` integer labels.
+    params: the model's variables, if `apply_fn` takes them. They are passed to the compiled
+      attacks as an argument; a closure over them would compile them in as constants (slow to
+      compile, and memory for a second copy): pass large models' weights here.
     eps: radius of the threat model (Linf: in [0, 1]).
     norm: 'Linf' or 'L2'.
     version: 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'plus' (APGD-CE and APGD-DLR with 5
@@ -867,8 +884,10 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
   else:
     names = VERSION_ATTACKS.get(version, ())
   _check_settings(x, y, eps, norm, version, names, batch_size, mesh)
-  model: Model = apply_fn if randomized else (lambda xx, key: apply_fn(xx))
+  fn = _WithParams(apply_fn, randomized, params is not None)
   batch_sharding = sharding.batch_sharding(mesh)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  model: Model = functools.partial(fn, params)
   n = len(x)
 
   # The official checks, on the first batch.
@@ -883,12 +902,13 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
   n_target_classes = min(n_target_classes, n_classes - 1)
 
   tic = time.perf_counter()
-  predict = jax.jit(lambda xx, key: jnp.argmax(model(xx, key), -1))
+  predict = jax.jit(lambda p, xx, key: jnp.argmax(fn(p, xx, key), -1))
   root = jax.random.key(seed)
   clean_root = jax.random.fold_in(root, len(ATTACKS))
   robust = np.zeros(n, bool)
   for b, (index, mask) in enumerate(_batches(np.arange(n), batch_size)):
-    pred = predict(jax.device_put(x[index], batch_sharding), jax.random.fold_in(clean_root, b))
+    pred = predict(params, jax.device_put(x[index], batch_sharding),
+                   jax.random.fold_in(clean_root, b))
     robust[index[mask]] = np.asarray(pred)[mask] == y[index[mask]]
   clean_accuracy = float(robust.mean())
   broken_by = np.where(robust, -1, 0)
@@ -900,15 +920,15 @@ def evaluate(apply_fn: Callable, x, y, *, eps: float = 8 / 255, norm: Norm = "Li
     tic = time.perf_counter()
     attack, kw = settings[name]
     # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
-    make = _batch_attack if _hashable(apply_fn) else _batch_attack.__wrapped__
-    run = make(apply_fn, randomized, attack, tuple(sorted(kw.items())), norm)
+    make = _batch_attack if _hashable(fn) else _batch_attack.__wrapped__
+    run = make(fn, attack, tuple(sorted(kw.items())), norm)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
     todo = np.flatnonzero(robust)
     n_batches = -(-len(todo) // batch_size)
     for b, (index, mask) in enumerate(tqdm(_batches(todo, batch_size), total=n_batches,
                                            desc=name, disable=not progress, leave=False)):
       inputs = jax.device_put((x[index], y[index], mask, index.astype(np.int32)), batch_sharding)
-      adv, broken = run(*inputs, jnp.int32(b), attack_key, jnp.float32(eps))
+      adv, broken = run(params, *inputs, jnp.int32(b), attack_key, jnp.float32(eps))
       broken = np.asarray(broken)
       hit = index[broken]
       robust[hit] = False
@@ -933,19 +953,18 @@ def _hashable(obj) -> bool:
 
 
 @functools.lru_cache(maxsize=32)
-def _batch_attack(apply_fn: Callable, randomized: bool, attack: Callable,
-                  settings: tuple[tuple[str, object], ...], norm: Norm) -> Callable:
-  """`(x, y, mask, index, batch_number, attack_key, eps) -> (x_adv, broken)` for one padded
-  batch, jitted.
+def _batch_attack(fn: _WithParams, attack: Callable, settings: tuple[tuple[str, object], ...],
+                  norm: Norm) -> Callable:
+  """`(params, x, y, mask, index, batch_number, attack_key, eps) -> (x_adv, broken)` for one
+  padded batch, jitted.
 
   Cached per model function, attack and settings, so evaluating the same `apply_fn` again (with
-  another seed or eps) reuses the compilation. `broken` re-checks the attack's claim: misclassified
-  by a fresh forward pass and within eps.
+  other params, another seed or eps) reuses the compilation. `broken` re-checks the attack's
+  claim: misclassified by a fresh forward pass and within eps.
   """
-  model: Model = apply_fn if randomized else (lambda xx, key: apply_fn(xx))
-
   @jax.jit
-  def run(x, y, mask, index, batch_number, attack_key, eps):
+  def run(params, x, y, mask, index, batch_number, attack_key, eps):
+    model: Model = functools.partial(fn, params)
     example_root, model_root = jax.random.split(attack_key)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, index)
     model_key, check_key = jax.random.split(jax.random.fold_in(model_root, batch_number))

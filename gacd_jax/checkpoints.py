@@ -5,7 +5,7 @@ A run directory (a "workdir") holds
   run.json         facts the run derived: image shape, number of classes, the teacher's source,
   checkpoints/     orbax checkpoints of the whole train state (written atomically by orbax: a
                    crash leaves the previous checkpoint as the latest complete one),
-  metrics.jsonl, events.* (TensorBoard), eval.json, eval.md.
+  metrics.jsonl, events.* (TensorBoard), eval.json, report.md.
 A teacher directory is a run directory; `gacd-jax import-teacher` writes the same layout.
 """
 

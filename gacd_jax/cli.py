@@ -24,7 +24,8 @@ commands:
   demo       train a robust teacher, a distilled and a natural student on the bundled digits,
              evaluate them, and write report.md and robustness.png
   train      train (or resume) a run:  --config FILE --workdir DIR [--config.key=value ...]
-  evaluate   evaluate a run on the test split:  --config FILE --workdir DIR
+  evaluate   evaluate a run on the test split (clean, FGSM, PGD-20, CW-inf; with
+             --config.eval.suite=standard also AutoAttack): --config FILE --workdir DIR
   import-teacher  convert a PyTorch checkpoint (.pt, .pth, .safetensors) into a teacher run:
              --arch NAME --torch_checkpoint FILE --out DIR [--num_classes 10] [--image_size 32]
              [--channels 3] [--model_option KEY=INT ...]  (e.g. --arch wrn34_10 for TRADES)
@@ -92,14 +93,15 @@ def _define_evaluate():
   _config_flag()
   _distributed_flags()
   flags.DEFINE_string("workdir", None, "run directory to evaluate", required=True)
+  flags.DEFINE_bool("progress", True, "show progress bars")
 
 
 def _run_evaluate():
   _initialize_distributed()
   from gacd_jax import evaluate  # pylint: disable=g-import-not-at-top
   config = _required_config()
-  evaluate.evaluate_run(config, flags.FLAGS.workdir)
-  print((__import__("pathlib").Path(flags.FLAGS.workdir) / "eval.md").read_text())
+  evaluate.evaluate_run(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
+  print((__import__("pathlib").Path(flags.FLAGS.workdir) / "report.md").read_text())
 
 
 def _define_demo():

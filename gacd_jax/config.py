@@ -85,11 +85,17 @@ def default() -> ConfigDict:
   c.eval.cw_steps = 30
   c.eval.cw_step_size = 2 / 255
   c.eval.max_examples = 0     # 0: the whole test split
+  # basic: clean, FGSM, PGD-20, CW-inf; fast / standard / plus: the same and AutoAttack's version
+  c.eval.suite = "basic"
+  c.eval.autoattack_n_iter = 100        # APGD and FAB iterations (the official 100)
+  c.eval.autoattack_n_queries = 5000    # Square queries (the official 5000)
   c.eval.eps_curve = (0.0, 2 / 255, 4 / 255, 8 / 255, 12 / 255, 16 / 255)
   return c
 
 
 PRECISIONS = {"fp32": jnp.float32, "bf16": jnp.bfloat16}
+# config.eval.suite: the PGD-family attacks alone, or followed by that version of AutoAttack.
+EVAL_SUITES = ("basic", "fast", "standard", "plus")
 
 
 def compute_dtype(c: ConfigDict):
@@ -132,6 +138,7 @@ def validate(c: ConfigDict) -> None:
   for eps in c.eval.eps_curve:
     attacks.check_eps(eps, "an entry of config.eval.eps_curve")
   _choice(c.attack.norm, attacks.NORMS, "attack.norm")
+  _choice(c.eval.suite, EVAL_SUITES, "eval.suite")
   _choice(c.attack.start, ("method",) + attacks.STARTS, "attack.start")
   _choice(c.attack.bn_mode, ("method", "eval", "train"), "attack.bn_mode")
   _choice(c.optim.schedule, ("piecewise", "cosine", "constant"), "optim.schedule")
@@ -141,6 +148,8 @@ def validate(c: ConfigDict) -> None:
     _positive(c[section][name], key)
   if c.attack.steps < 0 or c.eval.pgd_steps < 0 or c.eval.cw_steps < 0:
     raise errors.ConfigError("attack step counts must be >= 0")
+  for key in ("eval.autoattack_n_iter", "eval.autoattack_n_queries"):
+    _positive(c.eval[key.split(".")[1]], key)
 
 
 def to_json(c: ConfigDict) -> str:

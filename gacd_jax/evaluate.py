@@ -13,12 +13,15 @@ from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from ml_collections import ConfigDict
 
 from gacd_jax import attacks
+from gacd_jax import autoattack
 from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import data
+from gacd_jax import errors
 from gacd_jax import report
 from gacd_jax import sharding
 
@@ -153,33 +156,82 @@ def test_source(config: ConfigDict, split: str = "test") -> data.Source:
                     num_classes=config.data.num_classes or None, seed=config.seed)
 
 
-def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False) -> dict[str, Any]:
+AUTOATTACK_LABELS = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T",
+                     "fab": "FAB", "fab-t": "FAB-T", "square": "Square"}
+
+
+def test_arrays(source: data.Source, max_examples: int = 0) -> tuple[np.ndarray, np.ndarray]:
+  """The first `max_examples` (0: all) images and labels of `source` as host arrays."""
+  batch = source.get(np.arange(_n_examples(source, max_examples)))
+  return batch["image"], batch["label"]
+
+
+def run_autoattack(apply_fn: ApplyFn, variables: Any, source: data.Source, config: ConfigDict,
+                   *, progress: bool = True) -> autoattack.Evaluation:
+  """AutoAttack (version `config.eval.suite`) on the test examples `config.eval` selects."""
+  if jax.process_count() > 1:
+    raise errors.ConfigError(
+        "AutoAttack in `evaluate` runs in one process; evaluate without --distributed (one "
+        "host's devices), or call gacd_jax.autoattack.evaluate on each host's share")
+  x, y = test_arrays(source, config.eval.max_examples)
+  return autoattack.evaluate(
+      apply_fn, x, y, params=variables, eps=config.eval.eps, norm="Linf",
+      version=config.eval.suite, batch_size=config.eval.batch_size, seed=config.seed,
+      n_iter=config.eval.autoattack_n_iter, n_queries=config.eval.autoattack_n_queries,
+      progress=progress)
+
+
+def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
+                 progress: bool = True) -> dict[str, Any]:
   """Evaluate the run in `workdir` on the test split of `config.data`.
 
-  Writes `eval.json` (`{"clean": .., "fgsm": .., "pgd20": .., "cw": ..}`, accuracies in [0, 1])
-  and `eval.md` (a table with the time per attack) into the workdir, and returns the accuracies
-  (and, with `curve`, the PGD accuracy per eps of `config.eval.eps_curve` under 'eps_curve').
+  Runs clean, FGSM, PGD-20 and CW-inf, then AutoAttack if `config.eval.suite` names a version
+  ('fast', 'standard', 'plus'). Writes into the workdir `eval.json` (accuracies in [0, 1] and
+  seconds per attack, and AutoAttack's accuracy after each of its attacks) and `report.md` (the
+  table, with the time per attack). Returns the accuracies by attack name ('autoattack' for the
+  ensemble; with `curve`, also the PGD accuracy per eps of `config.eval.eps_curve` under
+  'eps_curve').
   """
   config_lib.validate(config)
   module, variables = checkpoints.load_model(workdir)
   source = test_source(config)
   settings = EvalSettings.from_config(config.eval)
-  name = pathlib.Path(workdir).name
-  results, seconds = evaluate_model(logits_fn(module), variables, source, settings, desc=name)
   workdir = pathlib.Path(workdir)
-  checkpoints.write_json(workdir / "eval.json", results)
+  name = workdir.name
+  accuracy, seconds = evaluate_model(logits_fn(module), variables, source, settings, desc=name)
   rows = [{"attack": ATTACK_LABELS[k], "accuracy (%)": f"{100 * v:.2f}",
-           "time (s)": f"{seconds[k]:.1f}"} for k, v in results.items()]
-  (workdir / "eval.md").write_text(
-      f"# Evaluation of {workdir}\n\n{config.data.name} test split, eps = {settings.eps:.4f} "
-      f"(Linf), {config.model.name}\n\n" + report.markdown_table(rows) + "\n")
-  out: dict[str, Any] = dict(results)
+           "time (s)": f"{seconds[k]:.1f}"} for k, v in accuracy.items()]
+  summary: dict[str, Any] = {"suite": config.eval.suite, "eps": settings.eps,
+                             "examples": _n_examples(source, settings.max_examples)}
+  if config.eval.suite != "basic":
+    result = run_autoattack(logits_fn(module), variables, source, config, progress=progress)
+    accuracy["autoattack"] = result.robust_accuracy
+    seconds["autoattack"] = sum(result.seconds.values())
+    summary["autoattack"] = {"version": result.version, "clean": result.clean_accuracy,
+                             "accuracy_after": result.accuracy_after, "seconds": result.seconds}
+    rows.append({"attack": f"AutoAttack ({result.version})",
+                 "accuracy (%)": f"{100 * result.robust_accuracy:.2f}",
+                 "time (s)": f"{seconds['autoattack']:.1f}"})
+    rows += [{"attack": f"- after {AUTOATTACK_LABELS[k]}", "accuracy (%)": f"{100 * v:.2f}",
+              "time (s)": f"{result.seconds[k]:.1f}"} for k, v in result.accuracy_after.items()]
+  checkpoints.write_json(workdir / "eval.json",
+                         {"accuracy": accuracy, "seconds": seconds, **summary})
+  (workdir / "report.md").write_text(
+      f"# Evaluation of {workdir}\n\n{config.data.name} test split "
+      f"({summary['examples']} examples), eps = {settings.eps:.4f} (Linf), {config.model.name}, "
+      f"model in eval mode\n\n" + report.markdown_table(rows) + "\n")
+  out: dict[str, Any] = dict(accuracy)
   if curve:
     out["eps_curve"] = eps_curve(logits_fn(module), variables, source, settings,
                                  config.eval.eps_curve, desc=name)
   return out
 
 
+def _n_examples(source: data.Source, max_examples: int) -> int:
+  return min(max_examples, source.num_examples) if max_examples else source.num_examples
+
+
 def read_results(workdir: str) -> Optional[dict]:
+  """The accuracies `evaluate_run` wrote into `workdir`, or None if it has not run."""
   path = pathlib.Path(workdir) / "eval.json"
-  return json.loads(path.read_text()) if path.exists() else None
+  return json.loads(path.read_text())["accuracy"] if path.exists() else None

@@ -5,6 +5,7 @@ Everything runs on a tanh MLP trained on 8x8 digits with few iterations and quer
 """
 
 import functools
+import json
 import math
 import warnings
 
@@ -261,3 +262,47 @@ def test_apgd_ce_matches_the_official_package(trained):
   assert ours.clean_accuracy > ours.robust_accuracy > 0.2  # a test that can tell them apart
   # Each side draws its own random starts: one example near the boundary may go either way.
   assert abs(ours.robust_accuracy - official) <= 1 / 64
+
+
+def test_params_argument_equals_a_closure(trained):
+  """Weights passed as `params` (compiled as an argument) attack exactly like a closure."""
+  w, x, y = trained
+  kw = dict(eps=EPS["Linf"], version="fast", n_iter=4, batch_size=64, progress=False)
+  closure = aa.evaluate(functools.partial(_mlp, w), x[:64], y[:64], **kw)
+  argument = aa.evaluate(_mlp, x[:64], y[:64], params=w, **kw)
+  np.testing.assert_array_equal(argument.broken_by, closure.broken_by)
+  np.testing.assert_allclose(argument.x_adv, closure.x_adv, atol=1e-6)
+
+
+def test_evaluate_run_adds_autoattack_to_the_report(tmp_path):
+  """`evaluate_run` with suite 'standard' on a trained run: AutoAttack's row, one row per attack
+  with its time, eval.json with accuracies and seconds; the ensemble is at most the clean
+  accuracy and equals `autoattack.evaluate` called on the same examples."""
+  from gacd_jax import checkpoints, evaluate, train  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+  config = helpers.tiny_config("natural", epochs=2)
+  config.eval.suite = "standard"
+  config.eval.autoattack_n_iter = 3
+  config.eval.autoattack_n_queries = 10
+  train.train(config, str(tmp_path), progress=False)
+  accuracy = evaluate.evaluate_run(config, str(tmp_path), progress=False)
+
+  saved = json.loads((tmp_path / "eval.json").read_text())
+  assert saved["accuracy"] == accuracy and saved["suite"] == "standard"
+  assert set(saved["seconds"]) == set(accuracy) == {"clean", "fgsm", "pgd20", "cw", "autoattack"}
+  after = saved["autoattack"]["accuracy_after"]
+  assert list(after) == ["apgd-ce", "apgd-t", "fab-t", "square"]
+  assert list(after.values()) == sorted(after.values(), reverse=True)
+  assert accuracy["autoattack"] == after["square"] <= accuracy["clean"]
+  text = (tmp_path / "report.md").read_text()
+  for label in ("AutoAttack (standard)", "after APGD-CE", "after APGD-T", "after FAB-T",
+                "after Square", "time (s)"):
+    assert label in text, label
+
+  module, variables = checkpoints.load_model(str(tmp_path))
+  x, y = evaluate.test_arrays(evaluate.test_source(config), config.eval.max_examples)
+  assert len(y) == saved["examples"] == config.eval.max_examples
+  direct = aa.evaluate(evaluate.logits_fn(module), x, y, params=variables, eps=config.eval.eps,
+                       batch_size=config.eval.batch_size, seed=config.seed, n_iter=3,
+                       n_queries=10, progress=False)
+  assert direct.robust_accuracy == accuracy["autoattack"]

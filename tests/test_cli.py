@@ -92,9 +92,10 @@ def test_train_resume_and_evaluate(tmp_path, teacher_dir):
   proc = helpers.run_cli("evaluate", f"--config={DIGITS}:ard", f"--workdir={run}", *TINY[:-1])
   assert proc.returncode == 0, proc.stderr
   results = json.loads((run / "eval.json").read_text())
-  assert set(results) == {"clean", "fgsm", "pgd20", "cw"}
-  assert all(0.0 <= v <= 1.0 for v in results.values())
-  assert "| PGD-20" in (run / "eval.md").read_text() and "PGD-20" in proc.stdout
+  assert set(results["accuracy"]) == set(results["seconds"]) == {"clean", "fgsm", "pgd20", "cw"}
+  assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
+  assert results["examples"] == 32 and results["suite"] == "basic"
+  assert "| PGD-20" in (run / "report.md").read_text() and "PGD-20" in proc.stdout
 
 
 def test_demo_smoke_run(tmp_path):
