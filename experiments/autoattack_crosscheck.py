@@ -6,10 +6,10 @@
 
 Trains (or reuses, from `--workdir`) a PGD-AT small_cnn on scikit-learn's digits, exports it to
 PyTorch with `gacd_jax.torch_convert.flax_to_torch` and `experiments/pytorch_baseline/models.py`,
-checks that both give the same logits, then runs APGD-CE alone, APGD-T alone, the standard version
-and Square alone in both implementations on the first `--n` test digits, with several seeds each
-(`RUNS`) and each implementation's own settings for that attack list. Writes the robust accuracies
-(mean and per seed), the examples judged differently and the wall times to `--out`.
+checks that both give the same logits, then runs APGD-CE alone, APGD-T alone, the standard version,
+FAB-T alone and Square alone in both implementations on the first `--n` test digits, with several
+seeds each (`RUNS`) and each implementation's own settings for that attack list. Writes the robust
+accuracies (mean and per seed), the examples judged differently and the wall times to `--out`.
 
 The wheel of pyautoattack 0.2.0 ships a CIFAR-10 ResNet-18 (`examples/model_test.pt`, the
 pytorch-cifar layout, which `torch_convert` reads); it is not used here: no CIFAR-10 test images
@@ -42,7 +42,8 @@ WIDTH = 16
 # (label, version, attacks, seeds): attack lists that both packages run with their standard
 # settings; more seeds where a run is cheap, since one run's outcome is partly luck.
 RUNS = (("APGD-CE", "custom", ("apgd-ce",), 10), ("APGD-T", "custom", ("apgd-t",), 4),
-        ("standard", "standard", None, 3), ("Square", "custom", ("square",), 6))
+        ("standard", "standard", None, 3), ("FAB-T", "custom", ("fab-t",), 1),
+        ("Square", "custom", ("square",), 6))
 
 
 def train_model(workdir: pathlib.Path, epochs: int):
@@ -153,14 +154,15 @@ def main(argv=None) -> None:
       "include tracing and (first seed) compilation.\n\n"
       + report.markdown_table(rows) + "\n\n"
       "Robust accuracy in %: the mean over seeds 0, 1, ... (each seed's in brackets); an "
-      "example counts as robust if every attack of the row failed on it. The APGD-CE, APGD-T and "
-      "Square rows run that attack alone on every clean-correct example with the standard "
-      "version's settings (1 restart; APGD-T: the 9 runner-up classes as targets, 100 iterations "
-      "each; Square: 5000 queries). 'Examples judged differently': per seed, the examples robust "
-      "on one side only, averaged.\n\n"
+      "example counts as robust if every attack of the row failed on it. The APGD-CE, APGD-T, "
+      "FAB-T and Square rows run that attack alone on every clean-correct example with the "
+      "standard version's settings (1 restart; APGD-T and FAB-T: the 9 runner-up classes as "
+      "targets, 100 iterations each; Square: 5000 queries). 'Examples judged differently': per "
+      "seed, the examples robust on one side only, averaged.\n\n"
       "One run decides some examples of this model by luck (its random start or queries): the "
       "same implementation moves by up to ~2 points between seeds. So the implementations are "
-      "compared by the mean over seeds; a single seed can differ by more.\n\n"
+      "compared by the mean over seeds; a single seed can differ by more. FAB-T with one restart "
+      "draws no random numbers, so it is compared example by example.\n\n"
       "The CIFAR-10 ResNet-18 in the pyautoattack wheel (`examples/model_test.pt`, pytorch-cifar "
       "layout) converts with `torch_convert`, but is not used: no CIFAR-10 images can be had "
       "offline here, and a forward-backward pass costs ~0.15 s per image in PyTorch on this CPU "
