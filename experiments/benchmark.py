@@ -2,6 +2,9 @@
 
   python -m experiments.benchmark --batch 16 --repeats 3             # quick
   python -m experiments.benchmark --only gacd_step                   # batch 128, ResNet-18 pair
+  python -m experiments.benchmark --only gacd_step --precision bf16  # bf16 both sides
+  python -m experiments.benchmark --only rslad_step --teacher wrn34_10 --batch 32
+  python -m experiments.benchmark --only gacd_step --jax-only --batch 32,64,128,256  # scaling
   XLA_FLAGS= python -m experiments.benchmark ...                     # jaxlib's own XLA CPU flags
 
 (from the checkout's root, which holds the `experiments` package).
@@ -12,6 +15,9 @@ Work items (`--only`, comma-separated), on synthetic CIFAR-shaped data:
               (gacd_jax: `train.make_step` + `train.jit_step`; PyTorch: `steps.gacd_step` after
               two `crd.NegativeSampler` draws)
   ard_step    the full ARD step (PGD-10 in BatchNorm train mode, teacher forward, KL update)
+  rslad_step  the full RSLAD step (teacher forward, PGD-10 on the KL from a Gaussian start in
+              BatchNorm eval mode, student update on the adversarial and the clean batch;
+              PyTorch: `steps.rslad_step` as zibojia/RSLAD writes it)
   train_step  a natural step (CE on clean inputs)
   pgd10       PGD-10 on the student's CE, BatchNorm on running statistics
   forward     the student's eval-mode forward
@@ -20,6 +26,17 @@ augmentation is off (the PyTorch side would augment in its data loader).
 
 Protocol: each work item is compiled (JAX, timed) and warmed up on both sides, then run
 `--repeats` times interleaved (JAX, PyTorch, JAX, ...); the table reports median images/s.
+`--batch` and `--negatives` take lists (a scaling table: one row per value); `--jax-only` skips
+PyTorch. 'JAX memory' is XLA's buffer assignment for the compiled program (arguments, outputs
+and temporaries, donated state counted once): the step's peak footprint on the device.
+
+Precision: `--precision bf16` builds the JAX models with bf16 activations (float32 parameters,
+optimizer state and loss, as `config.precision=bf16`) and runs PyTorch under
+`torch.autocast('cpu', torch.bfloat16)`; the header reports each side's logit drift from its
+own fp32 forward on the batch.
+
+Compilation cache: `--cache DIR` turns on JAX's persistent cache there (what the command line
+does by default); run the same command twice to see the second start.
 
 Threads: `--threads N` restricts the process to N CPUs with `sched_setaffinity` (re-executing
 itself so the mask is in place before any library starts a thread pool): XLA's CPU client sizes
@@ -71,7 +88,7 @@ from gacd_jax import torch_convert
 from gacd_jax import train
 from gacd_jax.methods import InitInfo
 
-WORKS = ("gacd_step", "ard_step", "train_step", "pgd10", "forward")
+WORKS = ("gacd_step", "ard_step", "rslad_step", "train_step", "pgd10", "forward")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -162,16 +179,27 @@ class Work:
   run_torch: Callable[[], Any]
   compile_s: float
   flops: float  # XLA's count for one call
+  memory: float  # bytes: XLA's buffer assignment (arguments + outputs + temporaries - aliased)
 
 
-def _compile(fn, *args) -> tuple[Any, float, float]:
-  """(compiled executable, lower + compile seconds, XLA's FLOP count)."""
+@dataclasses.dataclass
+class Compiled:
+  executable: Any
+  seconds: float  # lower + compile
+  flops: float
+  memory: float
+
+
+def _compile(fn, *args) -> Compiled:
   tic = time.perf_counter()
   compiled = fn.lower(*args).compile()
   seconds = time.perf_counter() - tic
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return compiled, seconds, float(cost.get("flops", 0.0))
+  mem = compiled.memory_analysis()
+  memory = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+            - mem.alias_size_in_bytes) if mem is not None else float("nan")
+  return Compiled(compiled, seconds, float(cost.get("flops", 0.0)), float(memory))
 
 
 class Bench:
@@ -186,6 +214,7 @@ class Bench:
     index = rng.choice(args.num_examples, batch, replace=False).astype(np.int32)
     images = rng.uniform(0, 1, (batch, *self.image_shape)).astype(np.float32)
     self.mesh = sharding.make_mesh()
+    self.config = config_lib.default()
     self.batch = data.to_global(
         {"image": images, "label": self.train_labels[index], "index": index},
         sharding.batch_sharding(self.mesh))
@@ -193,10 +222,11 @@ class Bench:
     self.y_t = torch.from_numpy(self.train_labels[index]).long()
     self.index_t = torch.from_numpy(index).long()
 
+    self.dtype = config_lib.PRECISIONS[args.precision]
     self.student, self.student_t, self.student_vars = self._model(args.student, seed=1)
     self.teacher, self.teacher_t, self.teacher_vars = self._model(args.teacher, seed=2)
     self.teacher_t.eval()
-    self.config = config_lib.default()
+    self.config.precision = args.precision
     self.config.attack.steps = args.attack_steps
     self.config.method.gacd.num_negatives = args.negatives
     self.torch_attack = torch_steps.AttackSettings(
@@ -204,7 +234,7 @@ class Bench:
 
   def _model(self, name: str, seed: int):
     """(Flax module, PyTorch module with the same weights, Flax variables)."""
-    module = models.build(name, self.args.num_classes)
+    module = models.build(name, self.args.num_classes, dtype=self.dtype)
     variables = module.init(jax.random.key(seed), jnp.zeros((1, *self.image_shape)), train=False)
     torch_model = torch_models.build(name, self.args.num_classes)
     torch_model.load_state_dict({k: torch.from_numpy(np.array(v)) for k, v in
@@ -220,7 +250,25 @@ class Bench:
         teacher_feature_dim=models.feature_dim(self.teacher, self.image_shape),
         teacher_num_classes=self.args.num_classes)
 
-  def _jax_step(self, method_name: str) -> tuple[Callable[[], Any], float, float, Any]:
+  def logit_drift(self) -> tuple[float, float]:
+    """(JAX, PyTorch): max |logits - fp32 logits| / max |fp32 logits| of the student's eval
+    forward on the batch, in `--precision` against float32."""
+    fp32 = self.student.clone(dtype=jnp.float32)
+    x = self.batch["image"]
+    ref = np.asarray(fp32.apply(self.student_vars, x, train=False)[0], np.float64)
+    low = np.asarray(self.student.apply(self.student_vars, x, train=False)[0], np.float64)
+    self.student_t.eval()
+    with torch.no_grad():
+      ref_t = self.student_t(self.x_t)[0].double().numpy()
+      with self.autocast():
+        low_t = self.student_t(self.x_t)[0].double().numpy()
+    return (float(np.abs(low - ref).max() / np.abs(ref).max()),
+            float(np.abs(low_t - ref_t).max() / np.abs(ref_t).max()))
+
+  def autocast(self):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.args.precision == "bf16")
+
+  def _jax_step(self, method_name: str) -> tuple[Callable[[], Any], Compiled, Any]:
     """A jitted `train.make_step` of the method, state threaded through calls; also returns the
     initial method params and state (for the PyTorch side)."""
     cfg = self.config
@@ -241,15 +289,15 @@ class Bench:
         (state["params"]["method"], state["method_state"]))
     teacher_vars = self.teacher_vars if method.uses_teacher else None
     rng = jax.random.key(0)
-    compiled, seconds, flops = _compile(train.jit_step(step, self.mesh), state, teacher_vars,
-                                        self.batch, rng)
+    compiled = _compile(train.jit_step(step, self.mesh), state, teacher_vars, self.batch, rng)
     holder = {"state": state}
 
     def run():
-      holder["state"], metrics = compiled(holder["state"], teacher_vars, self.batch, rng)
+      holder["state"], metrics = compiled.executable(holder["state"], teacher_vars, self.batch,
+                                                     rng)
       return metrics
 
-    return run, seconds, flops, (method_params, method_state)
+    return run, compiled, (method_params, method_state)
 
   def _torch_optimizer(self, *extra: torch.nn.Module) -> torch.optim.SGD:
     params = [p for m in (self.student_t, *extra) for p in m.parameters()]
@@ -258,7 +306,7 @@ class Bench:
                            weight_decay=optim.weight_decay)
 
   def gacd_step(self) -> Work:
-    run_jax, seconds, flops, (method_params, method_state) = self._jax_step("gacd")
+    run_jax, compiled, (method_params, method_state) = self._jax_step("gacd")
     c = self.config.method.gacd
     contrast = torch_crd.ContrastiveDistillation(
         models.feature_dim(self.student, self.image_shape),
@@ -275,22 +323,32 @@ class Bench:
                                    self.y_t, self.index_t, attack_index, loss_index,
                                    self.torch_attack)
 
-    return Work("gacd_step", run_jax, run_torch, seconds, flops)
+    return self._work("gacd_step", run_jax, run_torch, compiled)
 
   def ard_step(self) -> Work:
-    run_jax, seconds, flops, _ = self._jax_step("ard")
+    run_jax, compiled, _ = self._jax_step("ard")
     c = self.config.method
     optimizer = self._torch_optimizer()
     run_torch = lambda: torch_steps.ard_step(
         self.student_t, self.teacher_t, optimizer, self.x_t, self.y_t, self.torch_attack,
         alpha=c.ard.alpha, temperature=c.ard.temperature, kl_reduction=c.kl_reduction)
-    return Work("ard_step", run_jax, run_torch, seconds, flops)
+    return self._work("ard_step", run_jax, run_torch, compiled)
+
+  def rslad_step(self) -> Work:
+    run_jax, compiled, _ = self._jax_step("rslad")
+    c = self.config.method.rslad
+    optimizer = self._torch_optimizer()
+    attack = dataclasses.replace(self.torch_attack, start="gaussian")
+    run_torch = lambda: torch_steps.rslad_step(
+        self.student_t, self.teacher_t, optimizer, self.x_t, attack, adv_weight=c.adv_weight,
+        clean_weight=c.clean_weight)
+    return self._work("rslad_step", run_jax, run_torch, compiled)
 
   def train_step(self) -> Work:
-    run_jax, seconds, flops, _ = self._jax_step("natural")
+    run_jax, compiled, _ = self._jax_step("natural")
     optimizer = self._torch_optimizer()
     run_torch = lambda: torch_steps.natural_step(self.student_t, optimizer, self.x_t, self.y_t)
-    return Work("train_step", run_jax, run_torch, seconds, flops)
+    return self._work("train_step", run_jax, run_torch, compiled)
 
   def pgd10(self) -> Work:
     a = self.config.attack
@@ -301,41 +359,51 @@ class Bench:
                          step_size=a.step_size, steps=a.steps, start="uniform", unroll=a.unroll)
 
     args = (self.student_vars, self.batch["image"], self.batch["label"], jax.random.key(0))
-    compiled, seconds, flops = _compile(jax.jit(pgd), *args)
+    compiled = _compile(jax.jit(pgd), *args)
 
     def run_torch():
       self.student_t.eval()
       return torch_attacks.pgd(torch_attacks.cross_entropy_objective(self.student_t, self.y_t),
                                self.x_t, eps=a.eps, step_size=a.step_size, steps=a.steps)
 
-    return Work("pgd10", lambda: compiled(*args), run_torch, seconds, flops)
+    return self._work("pgd10", lambda: compiled.executable(*args), run_torch, compiled)
 
   def forward(self) -> Work:
     forward = jax.jit(lambda variables, x: self.student.apply(variables, x, train=False))
-    compiled, seconds, flops = _compile(forward, self.student_vars, self.batch["image"])
+    compiled = _compile(forward, self.student_vars, self.batch["image"])
 
     def run_torch():
       self.student_t.eval()
       with torch.no_grad():
         return self.student_t(self.x_t)
 
-    return Work("forward", lambda: compiled(self.student_vars, self.batch["image"]), run_torch,
-                seconds, flops)
+    return self._work("forward", lambda: compiled.executable(self.student_vars, self.batch["image"]),
+                      run_torch, compiled)
+
+  def _work(self, name: str, run_jax, run_torch, compiled: Compiled) -> Work:
+    """The work item, PyTorch's side under autocast for bf16 (or none with --jax-only)."""
+    def run_torch_cast():
+      with self.autocast():
+        return run_torch()
+    return Work(name, run_jax, None if self.args.jax_only else run_torch_cast, compiled.seconds,
+                compiled.flops, compiled.memory)
 
 
 def measure(work: Work, warmup: int, repeats: int) -> dict[str, float]:
-  """Median seconds per call of each side, interleaved after warm-up."""
+  """Median seconds per call of each side (PyTorch's unless --jax-only), interleaved after
+  warm-up."""
+  sides = {"jax": lambda: jax.block_until_ready(work.run_jax())}
+  if work.run_torch is not None:
+    sides["torch"] = work.run_torch
   for _ in range(warmup):
-    jax.block_until_ready(work.run_jax())
-    work.run_torch()
-  times = {"jax": [], "torch": []}
+    for run in sides.values():
+      run()
+  times = {side: [] for side in sides}
   for _ in range(repeats):
-    tic = time.perf_counter()
-    jax.block_until_ready(work.run_jax())
-    times["jax"].append(time.perf_counter() - tic)
-    tic = time.perf_counter()
-    work.run_torch()
-    times["torch"].append(time.perf_counter() - tic)
+    for side, run in sides.items():
+      tic = time.perf_counter()
+      run()
+      times[side].append(time.perf_counter() - tic)
   return {side: statistics.median(t) for side, t in times.items()}
 
 
@@ -343,30 +411,38 @@ def measure(work: Work, warmup: int, repeats: int) -> dict[str, float]:
 # Main.
 
 
+def _int_list(text: str) -> list[int]:
+  return [int(v) for v in text.split(",")]
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--student", default="resnet18", choices=models.names())
   parser.add_argument("--teacher", default="resnet18", choices=models.names())
-  parser.add_argument("--batch", type=int, default=128)
+  parser.add_argument("--batch", type=_int_list, default=[128], help="one or more, e.g. 32,64")
   parser.add_argument("--image-size", type=int, default=32)
   parser.add_argument("--num-classes", type=int, default=10)
   parser.add_argument("--num-examples", type=int, default=50000,
                       help="N, the memory banks' rows (CIFAR's training set); must exceed K")
-  parser.add_argument("--negatives", type=int, default=16384, help="K, GACD's NCE negatives")
+  parser.add_argument("--negatives", type=_int_list, default=[16384],
+                      help="K, GACD's NCE negatives (one or more)")
   parser.add_argument("--attack-steps", type=int, default=10)
+  parser.add_argument("--precision", default="fp32", choices=sorted(config_lib.PRECISIONS))
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPUs for both frameworks (default: all this process may use)")
   parser.add_argument("--only", default=",".join(WORKS),
                       help=f"comma-separated work items among {', '.join(WORKS)}")
+  parser.add_argument("--jax-only", action="store_true", help="skip the PyTorch side")
+  parser.add_argument("--cache", default="", help="JAX's persistent compilation cache directory")
   args = parser.parse_args(argv)
   unknown = sorted(set(args.only.split(",")) - set(WORKS))
   if unknown:
     parser.error(f"--only: unknown work {', '.join(unknown)}; choose from {', '.join(WORKS)}")
-  if args.num_examples <= args.negatives:
+  if args.num_examples <= max(args.negatives):
     parser.error(f"--num-examples ({args.num_examples}) must exceed --negatives "
-                 f"({args.negatives}): negatives come from the other classes' examples")
+                 f"({max(args.negatives)}): negatives come from the other classes' examples")
   return args
 
 
@@ -375,42 +451,58 @@ def main(argv: Optional[list[str]] = None) -> None:
   runtime.set_xla_flags()
   pin_threads(args.threads)
   torch.set_num_threads(args.threads)
+  runtime.enable_compilation_cache(args.cache or None)
 
   peak, derivation = nominal_peak(args.threads)
   ceiling = matmul_ceiling()
-  print(f"# JAX vs PyTorch: {args.student} student, {args.teacher} teacher, batch {args.batch}, "
-        f"{args.image_size}x{args.image_size}, K={args.negatives}, N={args.num_examples}\n")
+  print(f"# JAX vs PyTorch: {args.student} student, {args.teacher} teacher, "
+        f"{args.image_size}x{args.image_size}, {args.precision}, N={args.num_examples}\n")
   print(f"- command: `python -m experiments.benchmark {' '.join(argv or sys.argv[1:])}`")
   print(f"- jax {jax.__version__}, torch {torch.__version__}, python {platform.python_version()}")
   print(f"- threads: {args.threads} (CPUs {sorted(os.sched_getaffinity(0))}; "
         f"torch.get_num_threads() = {torch.get_num_threads()}; XLA sizes its pool from the "
         f"affinity mask)")
-  print(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`")
+  print(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; compilation cache: "
+        f"{args.cache or 'off'}")
   print(f"- nominal fp32 peak: {derivation}")
   print(f"- measured fp32 matmul (2048^3): JAX {ceiling['jax']:.0f} GFLOP/s, "
         f"PyTorch {ceiling['pytorch']:.0f} GFLOP/s")
   print(f"- median of {args.repeats} interleaved runs after {args.warmup} warm-up(s); load "
         f"average before: {_load()}", flush=True)
 
-  bench = Bench(args)
   rows = []
-  for name in args.only.split(","):
-    work = getattr(bench, name)()
-    timing = measure(work, args.warmup, args.repeats)
-    jax_rate, torch_rate = work.flops / timing["jax"], work.flops / timing["torch"]
-    rows.append({
-        "work": name,
-        "JAX img/s": f"{args.batch / timing['jax']:.1f}",
-        "PyTorch img/s": f"{args.batch / timing['torch']:.1f}",
-        "JAX/PyTorch": f"{timing['torch'] / timing['jax']:.2f}",
-        "JAX compile s": f"{work.compile_s:.1f}",
-        "GFLOP/img": f"{work.flops / args.batch / 1e9:.2f}",
-        "JAX GFLOP/s (% peak)": f"{jax_rate / 1e9:.0f} ({100 * jax_rate / peak:.0f}%)",
-        "PyTorch GFLOP/s (% peak)": f"{torch_rate / 1e9:.0f} ({100 * torch_rate / peak:.0f}%)",
-    })
-    print(f"{name}: done", file=sys.stderr, flush=True)
+  for batch in args.batch:
+    for negatives in args.negatives:
+      bench = Bench(argparse.Namespace(**dict(vars(args), batch=batch, negatives=negatives)))
+      if args.precision != "fp32" and not rows:
+        drift_jax, drift_torch = bench.logit_drift()
+        print(f"- logit drift of {args.precision} from fp32 (student, eval forward, max |diff| / "
+              f"max |logit|): JAX {drift_jax:.2e}, PyTorch autocast {drift_torch:.2e}",
+              flush=True)
+      for name in args.only.split(","):
+        if name != "gacd_step" and negatives != args.negatives[0]:
+          continue  # only GACD has negatives
+        work = getattr(bench, name)()
+        timing = measure(work, args.warmup, args.repeats)
+        row = {"work": name, "batch": batch}
+        if name == "gacd_step":
+          row["K"] = negatives
+        row["JAX img/s"] = f"{batch / timing['jax']:.1f}"
+        if "torch" in timing:
+          row["PyTorch img/s"] = f"{batch / timing['torch']:.1f}"
+          row["JAX/PyTorch"] = f"{timing['torch'] / timing['jax']:.2f}"
+        row["JAX compile s"] = f"{work.compile_s:.1f}"
+        row["JAX memory MB"] = f"{work.memory / 2**20:.0f}"
+        row["GFLOP/img"] = f"{work.flops / batch / 1e9:.2f}"
+        for side, label in (("jax", "JAX"), ("torch", "PyTorch")):
+          if side in timing:
+            rate = work.flops / timing[side]
+            row[f"{label} GFLOP/s (% peak)"] = f"{rate / 1e9:.0f} ({100 * rate / peak:.0f}%)"
+        rows.append(row)
+        print(f"{name} batch {batch} K {negatives}: done", file=sys.stderr, flush=True)
   print(f"- load average after: {_load()} (other processes on these CPUs slow both sides)\n")
-  print(report.markdown_table(rows))
+  keys = list(dict.fromkeys(k for row in rows for k in row))
+  print(report.markdown_table([{k: row.get(k, "") for k in keys} for row in rows]))
 
 
 if __name__ == "__main__":

@@ -370,3 +370,33 @@ def test_two_gacd_steps_match_pytorch():
                 "head updates")
   _assert_close(_bank_state(state["method_state"]), _torch_bank_state(contrast),
                 "memory banks and Z after two steps")
+
+
+def test_two_rslad_steps_match_pytorch():
+  """make_step against `rslad_step` (zibojia/RSLAD's step; the benchmark's PyTorch side): the
+  attack on the KL starts at the clean input, the loss averages the KL over batch x classes."""
+  setup = Setup()
+  method = _method("rslad", kl_reduction="mean")
+  cfg = config_lib.default()
+  cfg.optim.schedule = "constant"
+  tx = train.make_optimizer(cfg.optim, steps_per_epoch=1, total_steps=2)
+  attack = train.AttackSettings(eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf",
+                                start="none", bn_mode="eval", unroll=True)
+  step = jax.jit(train.make_step(setup.student, method, tx, attack, setup.teacher,
+                                 crop_padding=0, flip=False))
+  params = {"student": setup.student_vars["params"], "method": {}}
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=setup.student_vars["batch_stats"], opt_state=tx.init(params),
+               method_state={})
+  optimizer = torch_steps.sgd(setup.student_t.parameters(), lr=cfg.optim.lr,
+                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+  torch_attack = torch_steps.AttackSettings(EPS, STEP_SIZE, PGD_STEPS, start="none")
+  before = _numpy_state(setup.student_t)
+  for _ in range(2):
+    state, metrics = step(state, setup.teacher_vars, setup.batch, jax.random.key(7))
+    loss_t = torch_steps.rslad_step(setup.student_t, setup.teacher_t, optimizer, setup.x_t,
+                                    torch_attack)
+    assert _relative_error(metrics["loss"], loss_t) <= RTOL
+  after = _as_torch({"params": state["params"]["student"], "batch_stats": state["batch_stats"]})
+  _assert_close(_minus(after, before), _minus(_numpy_state(setup.student_t), before),
+                "student updates")

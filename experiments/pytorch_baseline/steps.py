@@ -162,3 +162,36 @@ def gacd_step(student: nn.Module, teacher: nn.Module, contrast: crd.ContrastiveD
   loss.backward()
   optimizer.step()
   return loss.item()
+
+
+# ---------------------------------------------------------------------------------------------
+# RSLAD, as zibojia/RSLAD's `rslad_loss.py` and training loop write it.
+
+
+def rslad_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Optimizer,
+               x: torch.Tensor, attack: AttackSettings = AttackSettings(start="gaussian"), *,
+               adv_weight: float = 5 / 6, clean_weight: float = 1 / 6) -> float:
+  """One RSLAD step (Zi et al. 2021); returns the loss.
+
+  The teacher's clean logits (eval, no_grad); PGD maximising KL(p_T(x) || p_S(x')) summed over the
+  batch, from x + 0.001 N(0, 1), with the student's BatchNorm on running statistics; then, in
+  train mode (x' before x, as their loop), adv_weight KL(p_T(x) || p_S(x')) + clean_weight
+  KL(p_T(x) || p_S(x)), each averaged over batch x classes (`torch.mean` of the elementwise KL).
+  """
+  teacher.eval()
+  with torch.no_grad():
+    teacher_probs = F.softmax(teacher(x)[0], dim=1)
+  student.eval()
+  objective = lambda x_adv: F.kl_div(F.log_softmax(student(x_adv)[0], dim=1), teacher_probs,
+                                     reduction="none").sum(1)
+  x_adv = attacks.pgd(objective, x, eps=attack.eps, step_size=attack.step_size,
+                      steps=attack.steps, start=attack.start)
+  student.train()
+  optimizer.zero_grad()
+  adv_logits, _ = student(x_adv)
+  clean_logits, _ = student(x)
+  kl = lambda logits: F.kl_div(F.log_softmax(logits, dim=1), teacher_probs, reduction="mean")
+  loss = adv_weight * kl(adv_logits) + clean_weight * kl(clean_logits)
+  loss.backward()
+  optimizer.step()
+  return loss.item()
