@@ -377,8 +377,8 @@ class Bench:
       with torch.no_grad():
         return self.student_t(self.x_t)
 
-    return self._work("forward", lambda: compiled.executable(self.student_vars, self.batch["image"]),
-                      run_torch, compiled)
+    run_jax = lambda: compiled.executable(self.student_vars, self.batch["image"])
+    return self._work("forward", run_jax, run_torch, compiled)
 
   def _work(self, name: str, run_jax, run_torch, compiled: Compiled) -> Work:
     """The work item, PyTorch's side under autocast for bf16 (or none with --jax-only)."""

@@ -50,7 +50,7 @@ def main(argv=None) -> None:
     minutes = (time.perf_counter() - tic) / 60
     results = evaluate.evaluate_run(cfg, str(workdir))
     rows.append({"method": label,
-                 **{evaluate.ATTACK_LABELS[k]: f"{100 * v:.1f}" for k, v in results.items()},
+                 **{evaluate.RESULT_LABELS[k]: f"{100 * v:.1f}" for k, v in results.items()},
                  "train (min)": f"{minutes:.1f}"})
     print(report.markdown_table(rows[-1:]), flush=True)
 

@@ -65,7 +65,8 @@ def summarise(trace_dir: pathlib.Path, wall: float, untraced: float, top: int = 
           for kind, s in per_kind.most_common() if s >= 0.005]
   longest = [{"operation": name, "seconds": f"{s:.3f}", "kind": kind_of(name)}
              for name, s in per_op.most_common(top)]
-  return (f"step wall time {untraced:.2f} s untraced, {wall:.2f} s traced\n\n" + report.markdown_table(rows) + "\n\n"
+  return (f"step wall time {untraced:.2f} s untraced, {wall:.2f} s traced\n\n"
+          + report.markdown_table(rows) + "\n\n"
           + report.markdown_table(longest))
 
 

@@ -30,6 +30,7 @@ AttackFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax
                     jax.Array]  # (logits_fn, x, y, rng, eps) -> x_adv
 
 ATTACK_LABELS = {"clean": "clean", "fgsm": "FGSM", "pgd20": "PGD-20", "cw": "CW-inf"}
+RESULT_LABELS = {**ATTACK_LABELS, "autoattack": "AutoAttack"}  # the keys of `evaluate_run`'s result
 
 
 @dataclasses.dataclass(frozen=True)

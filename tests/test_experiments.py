@@ -1,0 +1,42 @@
+"""The benchmark and the profile summary run and report what they claim (tiny models; no timing
+is asserted)."""
+
+import contextlib
+import io
+
+import pytest
+
+pytest.importorskip("torch")
+
+from experiments import benchmark  # pylint: disable=g-import-not-at-top
+from experiments import profile_step  # pylint: disable=g-import-not-at-top
+
+
+@pytest.mark.parametrize("name,kind", [
+    ("transpose_copy_fusion.29", "layout transpose (+ fused elementwise)"),
+    ("convolution-base-dilated.5", "convolution"),
+    ("conv_general_dilated.61", "convolution"),
+    ("ynn_fusion.39", "YNNPACK / oneDNN call"),
+    ("add_maximum_fusion.9", "other fusion (elementwise)"),
+    ("SlinkyThreadPool::Await", "waiting for the thread pool"),
+    ("copy.3", "copy / slice / other"),
+])
+def test_profile_kinds(name, kind):
+  assert profile_step.kind_of(name) == kind
+
+
+def test_benchmark_reports_every_row_and_the_bf16_drift(monkeypatch):
+  monkeypatch.setenv("XLA_FLAGS", "")  # the benchmark sets the project's flags only if unset
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    benchmark.main(["--student=small_cnn", "--teacher=small_cnn", "--image-size=8",
+                    "--batch=8", "--negatives=8,16", "--num-examples=64", "--repeats=1",
+                    "--warmup=0", "--precision=bf16", "--only=gacd_step,rslad_step"])
+  text = out.getvalue()
+  assert "logit drift of bf16 from fp32" in text
+  rows = [line for line in text.splitlines() if line.startswith(("| gacd_step", "| rslad_step"))]
+  # GACD for each K, RSLAD once (it has no negatives)
+  assert len(rows) == 3 and sum(r.startswith("| rslad_step") for r in rows) == 1
+  for row in rows:
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert float(cells[3]) > 0 and float(cells[4]) > 0  # JAX and PyTorch img/s
