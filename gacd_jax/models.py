@@ -44,13 +44,53 @@ Dtype = Any
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
+def materialize_conv_inputs() -> bool:
+  """Whether convolutions pass their input through `_materialized` (on the CPU backend only)."""
+  return jax.default_backend() == 'cpu'
+
+
+def _materialized(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x`, as a buffer of its own that XLA cannot fuse its producers through.
+
+  XLA CPU's weight-gradient convolution reads its input transposed (batch minor); XLA fuses the
+  input's producers (BatchNorm, ReLU, the residual sums of earlier blocks) into that transpose,
+  recomputing them in a cache-hostile order: 4-20x slower than transposing a stored buffer, a
+  quarter of a ResNet-18 train step. `lax.optimization_barrier` does not stop it (XLA CPU removes
+  barriers before fusion); the output of a conditional is a stored buffer. Both branches return
+  `x`; the predicate comes from the (replicated) kernel, so a sharded batch needs no
+  communication. Under `vmap` with a batched predicate the conditional becomes a select, which
+  is still `x`.
+  """
+  keep = jnp.isfinite(kernel.reshape(-1)[0])
+  return jax.lax.cond(keep, lambda v: v, lambda v: v * 1, x)
+
+
+class Conv(nn.Module):
+  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2`, with variables
+  laid out as `nn.Conv`'s (`kernel [k, k, in / groups, out]`)."""
+  features: int
+  kernel_size: int
+  stride: int = 1
+  groups: int = 1
+  dtype: Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    kernel = self.param('kernel', _CONV_INIT, (self.kernel_size, self.kernel_size,
+                                               x.shape[-1] // self.groups, self.features),
+                        jnp.float32)
+    if materialize_conv_inputs():
+      x = _materialized(x, kernel)
+    pad = self.kernel_size // 2
+    return jax.lax.conv_general_dilated(
+        x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
+        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        feature_group_count=self.groups)
+
+
 def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str,
-          groups: int = 1) -> nn.Conv:
-  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2`."""
-  pad = kernel // 2
-  return nn.Conv(
-      features, (kernel, kernel), strides=(stride, stride), padding=((pad, pad), (pad, pad)),
-      feature_group_count=groups, use_bias=False, dtype=dtype, kernel_init=_CONV_INIT, name=name)
+          groups: int = 1) -> Conv:
+  return Conv(features, kernel, stride, groups, dtype, name=name)
 
 
 class BatchNorm(nn.BatchNorm):

@@ -190,7 +190,8 @@ def rslad_step(student: nn.Module, teacher: nn.Module, optimizer: torch.optim.Op
   optimizer.zero_grad()
   adv_logits, _ = student(x_adv)
   clean_logits, _ = student(x)
-  kl = lambda logits: F.kl_div(F.log_softmax(logits, dim=1), teacher_probs, reduction="mean")
+  kl = lambda logits: F.kl_div(F.log_softmax(logits, dim=1), teacher_probs,
+                               reduction="none").mean()
   loss = adv_weight * kl(adv_logits) + clean_weight * kl(clean_logits)
   loss.backward()
   optimizer.step()
