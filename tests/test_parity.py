@@ -320,6 +320,23 @@ def test_pgd_from_the_clean_input_matches_pytorch(objective):
 # A whole step.
 
 
+def _whole_step(setup: Setup, method, method_params=None, method_state=None):
+  """(jitted `make_step` of `method` with PGD-10 from the clean input, its initial state, the
+  optimizer config both sides use)."""
+  cfg = config_lib.default()
+  cfg.optim.schedule = "constant"
+  tx = train.make_optimizer(cfg.optim, steps_per_epoch=1, total_steps=2)
+  attack = train.AttackSettings(eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf",
+                                start="none", bn_mode="eval", unroll=True)
+  step = jax.jit(train.make_step(setup.student, method, tx, attack, setup.teacher,
+                                 crop_padding=0, flip=False))
+  params = {"student": setup.student_vars["params"], "method": method_params or {}}
+  state = dict(step=jnp.zeros((), jnp.int32), params=params,
+               batch_stats=setup.student_vars["batch_stats"], opt_state=tx.init(params),
+               method_state=method_state or {})
+  return step, state, cfg.optim
+
+
 def test_two_gacd_steps_match_pytorch():
   """make_step against `gacd_step`: the attack starts at the clean input and every sample's
   negatives are all the examples of other classes (a balanced set with K = N - N / C), so both
@@ -328,25 +345,15 @@ def test_two_gacd_steps_match_pytorch():
   num_negatives = num_examples - num_examples // NUM_CLASSES
   setup = Setup(num_examples, balanced=True)
   method = _gacd(num_negatives)
-  cfg = config_lib.default()
-  cfg.optim.schedule = "constant"
-  tx = train.make_optimizer(cfg.optim, steps_per_epoch=1, total_steps=2)
-  attack = train.AttackSettings(eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf",
-                                start="none", bn_mode="eval", unroll=True)
-  step = jax.jit(train.make_step(setup.student, method, tx, attack, setup.teacher,
-                                 crop_padding=0, flip=False))
   method_params, method_state = method.init(jax.random.key(3), setup.info())
-  params = {"student": setup.student_vars["params"], "method": method_params}
-  state = dict(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=setup.student_vars["batch_stats"], opt_state=tx.init(params),
-               method_state=method_state)
+  step, state, optim = _whole_step(setup, method, method_params, method_state)
 
   contrast = torch_crd.ContrastiveDistillation(4 * STUDENT_WIDTH, 4 * TEACHER_WIDTH,
                                                num_examples, FEAT_DIM)
   contrast.load_gacd_jax(method_params, method_state)
   optimizer = torch_steps.sgd(list(setup.student_t.parameters()) + list(contrast.parameters()),
-                              lr=cfg.optim.lr, momentum=cfg.optim.momentum,
-                              weight_decay=cfg.optim.weight_decay)
+                              lr=optim.lr, momentum=optim.momentum,
+                              weight_decay=optim.weight_decay)
   sampler = torch_crd.NegativeSampler(setup.train_labels, num_negatives)
   torch_attack = torch_steps.AttackSettings(EPS, STEP_SIZE, PGD_STEPS, start="none")
   student_before = _numpy_state(setup.student_t)
@@ -376,20 +383,9 @@ def test_two_rslad_steps_match_pytorch():
   """make_step against `rslad_step` (zibojia/RSLAD's step; the benchmark's PyTorch side): the
   attack on the KL starts at the clean input, the loss averages the KL over batch x classes."""
   setup = Setup()
-  method = _method("rslad", kl_reduction="mean")
-  cfg = config_lib.default()
-  cfg.optim.schedule = "constant"
-  tx = train.make_optimizer(cfg.optim, steps_per_epoch=1, total_steps=2)
-  attack = train.AttackSettings(eps=EPS, step_size=STEP_SIZE, steps=PGD_STEPS, norm="linf",
-                                start="none", bn_mode="eval", unroll=True)
-  step = jax.jit(train.make_step(setup.student, method, tx, attack, setup.teacher,
-                                 crop_padding=0, flip=False))
-  params = {"student": setup.student_vars["params"], "method": {}}
-  state = dict(step=jnp.zeros((), jnp.int32), params=params,
-               batch_stats=setup.student_vars["batch_stats"], opt_state=tx.init(params),
-               method_state={})
-  optimizer = torch_steps.sgd(setup.student_t.parameters(), lr=cfg.optim.lr,
-                              momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
+  step, state, optim = _whole_step(setup, _method("rslad", kl_reduction="mean"))
+  optimizer = torch_steps.sgd(setup.student_t.parameters(), lr=optim.lr,
+                              momentum=optim.momentum, weight_decay=optim.weight_decay)
   torch_attack = torch_steps.AttackSettings(EPS, STEP_SIZE, PGD_STEPS, start="none")
   before = _numpy_state(setup.student_t)
   for _ in range(2):
