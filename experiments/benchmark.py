@@ -172,22 +172,22 @@ def matmul_ceiling(size: int = 2048, repeats: int = 10) -> dict[str, float]:
 
 
 @dataclasses.dataclass
-class Work:
-  """One item of work, runnable in both frameworks. `run_jax` returns something to block on."""
-  name: str
-  run_jax: Callable[[], Any]
-  run_torch: Callable[[], Any]
-  compile_s: float
+class Compiled:
+  """A compiled JAX program and what XLA says of it."""
+  executable: Any
+  seconds: float  # lower + compile
   flops: float  # XLA's count for one call
   memory: float  # bytes: XLA's buffer assignment (arguments + outputs + temporaries - aliased)
 
 
 @dataclasses.dataclass
-class Compiled:
-  executable: Any
-  seconds: float  # lower + compile
-  flops: float
-  memory: float
+class Work:
+  """One item of work, runnable in both frameworks (PyTorch's side None with --jax-only).
+  `run_jax` returns something to block on."""
+  name: str
+  run_jax: Callable[[], Any]
+  run_torch: Optional[Callable[[], Any]]
+  compiled: Compiled
 
 
 def _compile(fn, *args) -> Compiled:
@@ -385,8 +385,7 @@ class Bench:
     def run_torch_cast():
       with self.autocast():
         return run_torch()
-    return Work(name, run_jax, None if self.args.jax_only else run_torch_cast, compiled.seconds,
-                compiled.flops, compiled.memory)
+    return Work(name, run_jax, None if self.args.jax_only else run_torch_cast, compiled)
 
 
 def measure(work: Work, warmup: int, repeats: int) -> dict[str, float]:
@@ -491,12 +490,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         if "torch" in timing:
           row["PyTorch img/s"] = f"{batch / timing['torch']:.1f}"
           row["JAX/PyTorch"] = f"{timing['torch'] / timing['jax']:.2f}"
-        row["JAX compile s"] = f"{work.compile_s:.1f}"
-        row["JAX memory MB"] = f"{work.memory / 2**20:.0f}"
-        row["GFLOP/img"] = f"{work.flops / batch / 1e9:.2f}"
+        compiled = work.compiled
+        row["JAX compile s"] = f"{compiled.seconds:.1f}"
+        row["JAX memory MB"] = f"{compiled.memory / 2**20:.0f}"
+        row["GFLOP/img"] = f"{compiled.flops / batch / 1e9:.2f}"
         for side, label in (("jax", "JAX"), ("torch", "PyTorch")):
           if side in timing:
-            rate = work.flops / timing[side]
+            rate = compiled.flops / timing[side]
             row[f"{label} GFLOP/s (% peak)"] = f"{rate / 1e9:.0f} ({100 * rate / peak:.0f}%)"
         rows.append(row)
         print(f"{name} batch {batch} K {negatives}: done", file=sys.stderr, flush=True)

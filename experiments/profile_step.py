@@ -29,6 +29,7 @@ import jax
 
 from experiments import benchmark
 from gacd_jax import report
+from gacd_jax import runtime
 
 # Kinds of XLA CPU operations, by the name of their trace event (HLO instruction names).
 KINDS = (
@@ -75,7 +76,7 @@ def main(argv=None) -> None:
   parser.add_argument("--out", required=True, help="directory for the traces")
   own, rest = parser.parse_known_args(argv)
   args = benchmark.parse_args(rest + ["--jax-only"])
-  benchmark.runtime.set_xla_flags()
+  runtime.set_xla_flags()
   benchmark.pin_threads(args.threads)
   print(f"- XLA_FLAGS: `{os.environ.get('XLA_FLAGS', '')}`; threads: {args.threads}")
   bench = benchmark.Bench(argparse.Namespace(**dict(vars(args), batch=args.batch[0],
