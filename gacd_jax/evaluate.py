@@ -1,4 +1,4 @@
-"""Robustness evaluation: accuracy on the test split under the standard attacks.
+"""Robustness evaluation: accuracy on the test (or validation) split under the standard attacks.
 
 The model is in eval mode and deterministic; attacks with a random start use a fixed key, so two
 evaluations of the same run agree. Every attack is one jit over the mesh (the test batch split on
@@ -150,8 +150,9 @@ def logits_fn(module) -> ApplyFn:
   return lambda variables, x: module.apply(variables, x, train=False)[0]
 
 
-def test_source(config: ConfigDict, split: str = "test") -> data.Source:
-  return data.build(config.data.name, split, image_size=config.data.image_size or None,
+def test_source(config: ConfigDict, split: str = "") -> data.Source:
+  """The split of `config.data` that evaluation reads: `split`, else `config.eval.split`."""
+  return data.build(config.data.name, split or config.eval.split, image_size=config.data.image_size or None,
                     channels=config.data.channels or None, data_dir=config.data.data_dir or None,
                     num_examples=config.data.num_examples or None,
                     num_classes=config.data.num_classes or None, seed=config.seed)
@@ -184,12 +185,13 @@ def run_autoattack(apply_fn: ApplyFn, variables: Any, source: data.Source, confi
 
 def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
                  progress: bool = True) -> dict[str, Any]:
-  """Evaluate the run in `workdir` on the test split of `config.data`.
+  """Evaluate the run in `workdir` on the split `config.eval.split` of `config.data`.
 
   Runs clean, FGSM, PGD-20 and CW-inf, then AutoAttack if `config.eval.suite` names a version
   ('fast', 'standard', 'plus'). Writes into the workdir `eval.json` (accuracies in [0, 1] and
   seconds per attack, and AutoAttack's accuracy after each of its attacks) and `report.md` (the
-  table, with the time per attack). Returns the accuracies by attack name ('autoattack' for the
+  table, with the time per attack); on the validation split `eval-validation.json` and
+  `report-validation.md`, so the two never overwrite each other. Returns the accuracies by attack name ('autoattack' for the
   ensemble; with `curve`, also the PGD accuracy per eps of `config.eval.eps_curve` under
   'eps_curve').
   """
@@ -215,10 +217,12 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
                  "time (s)": f"{seconds['autoattack']:.1f}"})
     rows += [{"attack": f"- after {AUTOATTACK_LABELS[k]}", "accuracy (%)": f"{100 * v:.2f}",
               "time (s)": f"{result.seconds[k]:.1f}"} for k, v in result.accuracy_after.items()]
-  checkpoints.write_json(workdir / "eval.json",
+  summary["split"] = config.eval.split
+  checkpoints.write_json(workdir / results_file(config.eval.split),
                          {"accuracy": accuracy, "seconds": seconds, **summary})
-  (workdir / "report.md").write_text(
-      f"# Evaluation of {workdir}\n\n{config.data.name} test split "
+  report_name = "report.md" if config.eval.split == "test" else f"report-{config.eval.split}.md"
+  (workdir / report_name).write_text(
+      f"# Evaluation of {workdir}\n\n{config.data.name} {config.eval.split} split "
       f"({summary['examples']} examples), eps = {settings.eps:.4f} (Linf), {config.model.name}, "
       f"model in eval mode\n\n" + report.markdown_table(rows) + "\n")
   out: dict[str, Any] = dict(accuracy)
@@ -232,7 +236,12 @@ def _n_examples(source: data.Source, max_examples: int) -> int:
   return min(max_examples, source.num_examples) if max_examples else source.num_examples
 
 
-def read_results(workdir: str) -> Optional[dict]:
-  """The accuracies `evaluate_run` wrote into `workdir`, or None if it has not run."""
-  path = pathlib.Path(workdir) / "eval.json"
+def results_file(split: str) -> str:
+  """The file `evaluate_run` writes its results of `split` to, inside the workdir."""
+  return "eval.json" if split == "test" else f"eval-{split}.json"
+
+
+def read_results(workdir: str, split: str = "test") -> Optional[dict]:
+  """The accuracies `evaluate_run` wrote into `workdir` for `split`, or None if it has not run."""
+  path = pathlib.Path(workdir) / results_file(split)
   return json.loads(path.read_text())["accuracy"] if path.exists() else None

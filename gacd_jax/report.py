@@ -38,6 +38,39 @@ def plot_curves(curves: dict[str, tuple[Sequence[float], Sequence[float]]], path
   plt.close(fig)
 
 
+def plot_bars(groups: dict[str, dict[str, Sequence[float]]], path: str | os.PathLike, *,
+              ylabel: str, title: str = "") -> None:
+  """Grouped bars with error bars, written as a PNG: one group per key of `groups`
+  (`name -> {series: values}`), one bar per series at the mean of its values, the error bar one
+  sample standard deviation. A series without values is left out of its group."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  names = list(groups)
+  series = list(dict.fromkeys(s for g in groups.values() for s in g))
+  width = 0.8 / max(len(series), 1)
+  fig, ax = plt.subplots(figsize=(max(6, 0.9 * len(names) + 2), 4.5), dpi=120)
+  for k, s in enumerate(series):
+    xs, means, stds = [], [], []
+    for i, name in enumerate(names):
+      values = np.asarray(groups[name].get(s, []), float)
+      if values.size:
+        xs.append(i + (k - (len(series) - 1) / 2) * width)
+        means.append(values.mean())
+        stds.append(values.std(ddof=1) if values.size > 1 else 0.0)
+    ax.bar(xs, means, width, yerr=stds, capsize=2, label=s)
+  ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+  ax.set_ylabel(ylabel)
+  if title:
+    ax.set_title(title)
+  ax.grid(alpha=0.3, axis="y")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(path)
+  plt.close(fig)
+
+
 def plot_heatmap(values: Sequence[Sequence[float]], row_labels: Sequence[str],
                  column_labels: Sequence[str], path: str | os.PathLike, *, title: str = "",
                  vmin: float = 0.0, vmax: float = 1.0) -> None:

@@ -289,7 +289,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
     if diffs:
       for name in (checkpoints.CHECKPOINT_DIR,):
         shutil.rmtree(workdir / name, ignore_errors=True)
-      for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval.json", "report.md"):
+      for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval*.json", "report*.md"):
         for path in workdir.glob(pattern):
           path.unlink()
   workdir.mkdir(parents=True, exist_ok=True)

