@@ -12,7 +12,6 @@ never checkpointed with the student.
 
 import dataclasses
 import json
-import math
 import pathlib
 import shutil
 import time
@@ -39,13 +38,15 @@ from gacd_jax.methods import Context, InitInfo, Method
 PyTree = Any
 State = dict[str, Any]
 
-# Keys that may change between a run and its resumption (more epochs, other logging cadence).
+# Keys that may change between a run and its resumption: more epochs, another logging cadence,
+# and the optimizer's settings (a lower learning rate or another schedule after a divergence).
+# Changing optim.momentum to or from 0 changes the optimizer state's shape, which cannot resume.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval")
+                     "train.keep_checkpoints", "eval", "optim")
 
 
-class NonFiniteLossError(errors.GacdError):
-  """The loss became NaN or infinite."""
+class NonFiniteError(errors.GacdError):
+  """The loss, the gradient or the state became NaN or infinite."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +160,35 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
       logits = metrics.pop(f"logits_{kind}", None)
       if logits is not None:
         metrics[f"{kind}_acc"] = losses.accuracy(logits, batch["label"])
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    metrics.update(loss=loss, grad_norm=grad_norm)
     new_state = dict(step=state["step"] + 1, params=params, batch_stats=batch_stats,
                      opt_state=opt_state, method_state=method_state)
+    metrics["nonfinite"] = nonfinite_code(loss, grad_norm, new_state)
     return new_state, metrics
 
   return step
+
+
+# What `nonfinite_code` checks, in order: code i + 1 names NONFINITE_GROUPS[i].
+NONFINITE_GROUPS = (("loss", "the loss"), ("grad_norm", "the gradient norm"),
+                    ("params", "the parameters"), ("batch_stats", "the BatchNorm statistics"),
+                    ("opt_state", "the optimizer state"), ("method_state", "the method state"))
+
+
+def nonfinite_code(loss: jax.Array, grad_norm: jax.Array, state: State) -> jax.Array:
+  """0 if the loss, the gradient norm and every floating-point leaf of `state` are finite, else
+  1 + the index in `NONFINITE_GROUPS` of the first group that is not: an int32 scalar.
+
+  Everything a checkpoint holds is covered, so the host needs to read only this scalar (with the
+  metrics it reads anyway) to know that a state is safe to save.
+  """
+  def finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+  flags = jnp.stack([finite(loss), finite(grad_norm)] +
+                    [finite(state[group]) for group, _ in NONFINITE_GROUPS[2:]])
+  return jnp.where(jnp.all(flags), 0, jnp.argmin(flags) + 1).astype(jnp.int32)
 
 
 def jit_step(step: Callable, mesh) -> Callable:
@@ -277,7 +301,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) -> None:
-  """Refuse a workdir holding another config's run, unless told to overwrite it."""
+  """Refuse a workdir holding another config's run, unless told to overwrite it; write
+  config.json.
+
+  A config differing only in `RESUMABLE_CHANGES` (e.g. `optim.*`) resumes the run, and
+  config.json then records the new config.
+  """
   config_path = workdir / checkpoints.CONFIG_FILE
   new = json.loads(config_lib.to_json(config))
   if config_path.exists():
@@ -410,7 +439,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
           bar.update(1)
           done = step >= end_step
           save = step % config.train.checkpoint_every == 0 or done
-          # Metrics are checked before every save, so a non-finite state is never checkpointed.
+          # Metrics, with the step's non-finite check, are read before every save, so a
+          # non-finite state is never checkpointed.
           if step % config.train.log_every == 0 or save:
             last = _flush(pending, log, bar, tic)
             pending, tic = [], time.perf_counter()
@@ -433,13 +463,17 @@ def all_labels(source: data.Source, chunk: int = 4096) -> np.ndarray:
 
 
 def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) -> dict[str, float]:
-  """Read the pending steps' metrics from the device, stop on a non-finite loss, log the mean."""
+  """Read the pending steps' metrics from the device, stop on a non-finite state, log the mean."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), metrics in zip(pending, fetched):
-    if not math.isfinite(float(metrics["loss"])):
-      raise NonFiniteLossError(
-          f"the loss became {float(metrics['loss'])} at step {step}; lower config.optim.lr or "
-          "check the data (the last checkpoint before it is kept)")
+    code = int(metrics.pop("nonfinite"))
+    if code:
+      key, quantity = NONFINITE_GROUPS[code - 1]
+      value = f"{float(metrics[key])}" if key in metrics else "non-finite (nan or inf)"
+      raise NonFiniteError(
+          f"{quantity} became {value} at step {step + 1}; no checkpoint holds it. Lower "
+          "config.optim.lr (optim.* may change when resuming) or check the data, then run the "
+          "same command to resume from the last checkpoint")
   mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   mean["steps_per_s"] = len(pending) / max(time.perf_counter() - tic, 1e-9)
   log.write(pending[-1][0] + 1, mean)

@@ -1,0 +1,90 @@
+"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved."""
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
+from gacd_jax import data
+from gacd_jax import sharding
+from gacd_jax import train
+from tests import helpers
+from tests.test_train import _step_setup
+
+
+def _code(group: str) -> int:
+  return 1 + [g for g, _ in train.NONFINITE_GROUPS].index(group)
+
+
+def _all_checkpoints(workdir) -> dict[int, dict]:
+  with checkpoints.manager(workdir) as mngr:
+    return {step: mngr.restore(step, args=ocp.args.StandardRestore())
+            for step in mngr.all_steps()}
+
+
+def _logged_steps(workdir) -> list[int]:
+  return [json.loads(line)["step"]
+          for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite states.
+
+
+def test_the_step_names_the_first_non_finite_group():
+  state, teacher_vars, step, batch = _step_setup("natural")
+  mesh = sharding.make_mesh()
+  step_fn = train.jit_step(step, mesh)
+  batch = data.to_global(batch, sharding.batch_sharding(mesh))
+  _, metrics = step_fn(jax.tree.map(jnp.copy, state), teacher_vars, batch, jax.random.key(0))
+  assert int(metrics["nonfinite"]) == 0
+  # A NaN in a running mean: the train-mode loss, the gradients and the parameters stay finite,
+  # so only the statistics, which a checkpoint would save, show it.
+  stats = jax.tree.map(jnp.copy, state["batch_stats"])
+  path, leaf = jax.tree_util.tree_flatten_with_path(stats)[0][0]
+  leaves = [leaf.at[0].set(jnp.nan) if p == path else x
+            for p, x in jax.tree_util.tree_flatten_with_path(stats)[0]]
+  bad = dict(state, batch_stats=jax.tree.unflatten(jax.tree.structure(stats), leaves))
+  _, metrics = step_fn(bad, teacher_vars, batch, jax.random.key(0))
+  assert np.isfinite(float(metrics["loss"])) and np.isfinite(float(metrics["grad_norm"]))
+  assert int(metrics["nonfinite"]) == _code("batch_stats")
+
+
+def test_flush_names_a_non_finite_group_without_a_value():
+  class Bar:
+    def set_postfix(self, **_):
+      pass
+  pending = [(36, {"loss": np.float32(2.0), "grad_norm": np.float32(1.0),
+                   "nonfinite": np.int32(_code("params"))})]
+  with pytest.raises(train.NonFiniteError, match=r"^the parameters became non-finite .* step 37;"):
+    train._flush(pending, None, Bar(), 0.0)
+
+
+def test_a_diverging_run_never_saves_a_non_finite_state_and_resumes_with_another_lr(tmp_path):
+  config = helpers.tiny_config("pgd_at", epochs=2)  # 8 steps, a checkpoint every 2
+  config.optim.lr = 1e3
+  with pytest.raises(train.NonFiniteError, match=r"became \S+ at step \d+; no checkpoint") as e:
+    train.train(config, str(tmp_path), progress=False)
+  assert "\n" not in str(e.value)
+  saved = _all_checkpoints(tmp_path)
+  assert saved, "the run diverged before its first checkpoint: the test checks nothing"
+  for step, state in saved.items():
+    leaves = jax.tree.leaves(state)
+    assert all(np.all(np.isfinite(x)) for x in leaves if np.issubdtype(x.dtype, np.inexact)), step
+  # The advised fix, a lower learning rate, resumes the run rather than being another config.
+  last_good = max(saved)
+  config.optim.lr = 1e-3
+  assert train.config_differences(json.loads((tmp_path / "config.json").read_text()),
+                                  json.loads(config_lib.to_json(config))) == []
+  train.train(config, str(tmp_path), progress=False)
+  assert checkpoints.latest_step(tmp_path) == 8
+  assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3
+  assert _logged_steps(tmp_path) == sorted(set(_logged_steps(tmp_path)))
+  assert _logged_steps(tmp_path)[:1] == [2] and last_good < 8
+
+
