@@ -305,7 +305,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
   config.json.
 
   A config differing only in `RESUMABLE_CHANGES` (e.g. `optim.*`) resumes the run, and
-  config.json then records the new config.
+  config.json then records the new config. Call it only once the config is known to be valid.
   """
   config_path = workdir / checkpoints.CONFIG_FILE
   new = json.loads(config_lib.to_json(config))
@@ -359,13 +359,12 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
           progress: bool = True, stop_after: Optional[int] = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; return the last logged metrics.
 
-  `stop_after` ends the loop after that global step (as if the process were killed there, but
-  with a checkpoint); the next call resumes from it.
+  Everything that can be checked (the config, the data, the teacher, the batch size against the
+  dataset) is checked before anything is written. `stop_after` ends the loop after that global step
+  (as if the process were killed there, but with a checkpoint); the next call resumes from it.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
-  prepare_workdir(workdir, config, overwrite)
-
   source = data.build(config.data.name, "train", image_size=config.data.image_size or None,
                       channels=config.data.channels or None, data_dir=config.data.data_dir or None,
                       num_examples=config.data.num_examples or None,
@@ -374,6 +373,10 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   global_batch = config.train.batch_size
   sharding.check_batch_size(global_batch, mesh)
   steps_per_epoch = data.steps_per_epoch(source.num_examples, global_batch)
+  if not steps_per_epoch:
+    raise errors.ConfigError(
+        f"config.train.batch_size={global_batch} is larger than the {source.num_examples} "
+        f"training examples of {config.data.name}, so an epoch has no step; lower it")
   total_steps = steps_per_epoch * config.train.epochs
 
   method = methods.build(config.method)
@@ -382,6 +385,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
                        **config_lib.model_kwargs(config.model))
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
   teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
+
+  prepare_workdir(workdir, config, overwrite)
   checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
       "image_shape": list(source.image_shape), "num_classes": source.num_classes,
       "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
@@ -400,11 +405,11 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   rng = jax.random.key(config.seed)
   init_rng, step_rng = jax.random.split(rng)
 
-  start_step = checkpoints.latest_step(workdir) or 0
-  if start_step:
+  start_step = 0
+  if checkpoints.latest_step(workdir) is not None:
     abstract = jax.eval_shape(init, init_rng)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            abstract)
+    abstract = jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
     start_step, state = checkpoints.restore(workdir, abstract)
     logging.info("resuming %s from step %d", workdir, start_step)
   else:

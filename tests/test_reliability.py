@@ -1,4 +1,5 @@
-"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved."""
+"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved, and a
+start that fails validation writes nothing."""
 
 import json
 
@@ -11,6 +12,7 @@ import pytest
 from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import data
+from gacd_jax import errors
 from gacd_jax import sharding
 from gacd_jax import train
 from tests import helpers
@@ -86,5 +88,23 @@ def test_a_diverging_run_never_saves_a_non_finite_state_and_resumes_with_another
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3
   assert _logged_steps(tmp_path) == sorted(set(_logged_steps(tmp_path)))
   assert _logged_steps(tmp_path)[:1] == [2] and last_good < 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Validation before anything is written.
+
+
+def test_a_start_that_fails_validation_writes_nothing(tmp_path):
+  workdir = tmp_path / "run"
+  with pytest.raises(errors.ConfigError, match="teacher.workdir"):
+    train.train(helpers.tiny_config("ard"), str(workdir), progress=False)
+  too_big = helpers.tiny_config("natural")
+  too_big.train.batch_size = 256  # 128 examples
+  with pytest.raises(errors.ConfigError, match="batch_size=256 is larger than the 128"):
+    train.train(too_big, str(workdir), progress=False)
+  assert not workdir.exists()
+  # so the corrected command, another config, is not refused as "a different config"
+  train.train(helpers.tiny_config("natural"), str(workdir), progress=False, stop_after=2)
+  assert checkpoints.latest_step(workdir) == 2
 
 
