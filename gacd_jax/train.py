@@ -360,8 +360,10 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   """Train (or resume) the run in `workdir`; return the last logged metrics.
 
   Everything that can be checked (the config, the data, the teacher, the batch size against the
-  dataset) is checked before anything is written. `stop_after` ends the loop after that global step
-  (as if the process were killed there, but with a checkpoint); the next call resumes from it.
+  dataset) is checked before anything is written; then the workdir is locked for the run
+  (`checkpoints.writer_lock`), so a second `train` on it fails at once. `stop_after` ends the loop
+  after that global step (as if the process were killed there, but with a checkpoint); the next call
+  resumes from it.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
@@ -386,77 +388,78 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
   teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
 
-  prepare_workdir(workdir, config, overwrite)
-  checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
-      "image_shape": list(source.image_shape), "num_classes": source.num_classes,
-      "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
-      "teacher": teacher.record if teacher else None})
+  with checkpoints.writer_lock(workdir):
+    prepare_workdir(workdir, config, overwrite)
+    checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
+        "image_shape": list(source.image_shape), "num_classes": source.num_classes,
+        "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
+        "teacher": teacher.record if teacher else None})
 
-  tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
-  info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
-                  steps_per_epoch=steps_per_epoch,
-                  num_classes=source.num_classes,
-                  student_feature_dim=models.feature_dim(model, source.image_shape),
-                  teacher_feature_dim=teacher.feature_dim if teacher else None,
-                  teacher_num_classes=teacher.num_classes if teacher else None)
-  replicated = sharding.replicated(mesh)
-  init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
-                 out_shardings=replicated)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
+    tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
+    info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
+                    steps_per_epoch=steps_per_epoch,
+                    num_classes=source.num_classes,
+                    student_feature_dim=models.feature_dim(model, source.image_shape),
+                    teacher_feature_dim=teacher.feature_dim if teacher else None,
+                    teacher_num_classes=teacher.num_classes if teacher else None)
+    replicated = sharding.replicated(mesh)
+    init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
+                   out_shardings=replicated)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
 
-  start_step = 0
-  if checkpoints.latest_step(workdir) is not None:
-    abstract = jax.eval_shape(init, init_rng)
-    abstract = jax.tree.map(
-        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-    start_step, state = checkpoints.restore(workdir, abstract)
-    logging.info("resuming %s from step %d", workdir, start_step)
-  else:
-    state = init(init_rng)
-  teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
+    start_step = 0
+    if checkpoints.latest_step(workdir) is not None:
+      abstract = jax.eval_shape(init, init_rng)
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+      start_step, state = checkpoints.restore(workdir, abstract)
+      logging.info("resuming %s from step %d", workdir, start_step)
+    else:
+      state = init(init_rng)
+    teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
 
-  step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
-                               teacher_model,
-                               crop_padding=config.data.crop_padding, flip=config.data.flip),
-                     mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  end_step = total_steps if stop_after is None else min(total_steps, stop_after)
-  log = MetricsLog(workdir)
-  last: dict[str, float] = {}
-  pending: list[tuple[int, dict]] = []
-  step = start_step
-  bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
-  try:
-    with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
-      tic = time.perf_counter()
-      while step < end_step:
-        epoch = step // steps_per_epoch
-        batches = data.train_batches(
-            source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
-            start_step=step % steps_per_epoch, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        for batch in batches:
-          state, metrics = step_fn(state, teacher_variables,
-                                   data.to_global(batch, batch_sharding), step_rng)
-          pending.append((step, metrics))
-          step += 1
-          bar.update(1)
-          done = step >= end_step
-          save = step % config.train.checkpoint_every == 0 or done
-          # Metrics, with the step's non-finite check, are read before every save, so a
-          # non-finite state is never checkpointed.
-          if step % config.train.log_every == 0 or save:
-            last = _flush(pending, log, bar, tic)
-            pending, tic = [], time.perf_counter()
-          if save:
-            checkpoints.save(mngr, step, state)
-          if done:
-            break
-      mngr.wait_until_finished()
-  finally:
-    bar.close()
-    log.close()
+    step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
+                                 teacher_model,
+                                 crop_padding=config.data.crop_padding, flip=config.data.flip),
+                       mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    log = MetricsLog(workdir)
+    last: dict[str, float] = {}
+    pending: list[tuple[int, dict]] = []
+    step = start_step
+    bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
+    try:
+      with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
+        tic = time.perf_counter()
+        while step < end_step:
+          epoch = step // steps_per_epoch
+          batches = data.train_batches(
+              source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
+              start_step=step % steps_per_epoch, process_index=jax.process_index(),
+              process_count=jax.process_count())
+          for batch in batches:
+            state, metrics = step_fn(state, teacher_variables,
+                                     data.to_global(batch, batch_sharding), step_rng)
+            pending.append((step, metrics))
+            step += 1
+            bar.update(1)
+            done = step >= end_step
+            save = step % config.train.checkpoint_every == 0 or done
+            # Metrics, with the step's non-finite check, are read before every save, so a
+            # non-finite state is never checkpointed.
+            if step % config.train.log_every == 0 or save:
+              last = _flush(pending, log, bar, tic)
+              pending, tic = [], time.perf_counter()
+            if save:
+              checkpoints.save(mngr, step, state)
+            if done:
+              break
+        mngr.wait_until_finished()
+    finally:
+      bar.close()
+      log.close()
   return last
 
 

@@ -1,7 +1,12 @@
-"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved, and a
-start that fails validation writes nothing."""
+"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved, one
+process writes a workdir, and a start that fails validation writes nothing."""
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -88,6 +93,57 @@ def test_a_diverging_run_never_saves_a_non_finite_state_and_resumes_with_another
   assert json.loads((tmp_path / "config.json").read_text())["optim"]["lr"] == 1e-3
   assert _logged_steps(tmp_path) == sorted(set(_logged_steps(tmp_path)))
   assert _logged_steps(tmp_path)[:1] == [2] and last_good < 8
+
+
+# ---------------------------------------------------------------------------------------------
+# One writer per workdir.
+
+
+def test_a_locked_workdir_is_refused_at_once_and_left_untouched(tmp_path):
+  config = helpers.tiny_config("natural")
+  with checkpoints.writer_lock(tmp_path):
+    for overwrite in (False, True):
+      tic = time.perf_counter()
+      with pytest.raises(errors.WorkdirError, match=f"pid {os.getpid()} on host "):
+        train.train(config, str(tmp_path), progress=False, overwrite=overwrite)
+      assert time.perf_counter() - tic < 10
+  assert sorted(p.name for p in tmp_path.iterdir()) == [checkpoints.LOCK_FILE]
+
+
+HOLD_LOCK = """
+import sys, time
+from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
+with checkpoints.writer_lock(sys.argv[1]):
+  print("locked", flush=True)
+  time.sleep(120)
+"""
+
+
+def test_the_lock_names_another_process_and_dies_with_it(tmp_path):
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, JAX_PLATFORMS="cpu")
+  holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(tmp_path)],
+                            stdout=subprocess.PIPE, text=True, env=env, cwd=helpers.REPO)
+  try:
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(errors.WorkdirError, match=f"pid {holder.pid} on host "):
+      with checkpoints.writer_lock(tmp_path):
+        pass
+  finally:
+    holder.send_signal(signal.SIGKILL)  # no cleanup runs: the OS releases the lock
+    holder.wait()
+  with checkpoints.writer_lock(tmp_path):
+    assert (tmp_path / checkpoints.LOCK_FILE).read_text().startswith(f"pid {os.getpid()} ")
+
+
+def test_an_unwritable_workdir_is_one_clear_error(tmp_path):
+  (tmp_path / "file").write_text("")
+  with pytest.raises(errors.WorkdirError, match="is a file"):
+    with checkpoints.writer_lock(tmp_path / "file"):
+      pass
+  with pytest.raises(errors.WorkdirError, match="cannot write to"):
+    with checkpoints.writer_lock(tmp_path / "file" / "run"):
+      pass
 
 
 # ---------------------------------------------------------------------------------------------
