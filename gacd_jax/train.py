@@ -12,6 +12,7 @@ never checkpointed with the student.
 
 import dataclasses
 import json
+import os
 import pathlib
 import shutil
 import time
@@ -326,14 +327,25 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
 
 
 class MetricsLog:
-  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
 
-  def __init__(self, workdir: pathlib.Path):
+  A run resumed from `start_step` logs each step once: metrics.jsonl is first cut to the lines
+  up to `start_step` (those after it came from steps the checkpoint does not hold, and are logged
+  again), and the new event file asks TensorBoard to drop earlier files' events after
+  `start_step` (`purge_step`).
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_step: int = 0):
     self._enabled = jax.process_index() == 0
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tb = SummaryWriter(str(workdir))
+      path = workdir / "metrics.jsonl"
+      truncate_metrics(path, start_step)
+      self._jsonl = open(path, "a")
+      # Event files are named by the second they start in; the suffix keeps a resumption in the
+      # same second from replacing the earlier file, and sorts after it as TensorBoard reads.
+      self._tb = SummaryWriter(str(workdir), purge_step=start_step + 1,
+                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -349,6 +361,24 @@ class MetricsLog:
       self._tb.close()
 
 
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+  """Keep the lines of a metrics.jsonl logged at steps up to `last_step`, rewriting it atomically;
+  a line cut short by a crash is dropped."""
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      continue
+    if isinstance(step, int) and step <= last_step:
+      kept.append(line + "\n")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+  tmp.write_text("".join(kept))
+  os.replace(tmp, path)
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
@@ -361,9 +391,9 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   Everything that can be checked (the config, the data, the teacher, the batch size against the
   dataset) is checked before anything is written; then the workdir is locked for the run
-  (`checkpoints.writer_lock`), so a second `train` on it fails at once. `stop_after` ends the loop
-  after that global step (as if the process were killed there, but with a checkpoint); the next call
-  resumes from it.
+  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A resumed run truncates the
+  logs to the step it resumes from. `stop_after` ends the loop after that global step (as if the
+  process were killed there, but with a checkpoint); the next call resumes from it.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
@@ -425,7 +455,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
                        mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
-    log = MetricsLog(workdir)
+    log = MetricsLog(workdir, start_step)
     last: dict[str, float] = {}
     pending: list[tuple[int, dict]] = []
     step = start_step

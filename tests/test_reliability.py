@@ -1,9 +1,11 @@
 """Nothing a user trained is lost or silently corrupted: non-finite states are never saved, one
-process writes a workdir, and a start that fails validation writes nothing."""
+process writes a workdir, logs resume without repeating steps, and a start that fails validation
+writes nothing."""
 
 import json
 import os
 import signal
+import struct
 import subprocess
 import sys
 import time
@@ -13,6 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from tensorboardX import SummaryWriter
+from tensorboardX.proto import event_pb2
 
 from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
@@ -144,6 +148,60 @@ def test_an_unwritable_workdir_is_one_clear_error(tmp_path):
   with pytest.raises(errors.WorkdirError, match="cannot write to"):
     with checkpoints.writer_lock(tmp_path / "file" / "run"):
       pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Logs after a resume.
+
+
+def _tensorboard_steps(workdir, tag: str) -> list[tuple[int, float]]:
+  """(step, value) of `tag` as TensorBoard shows them: event files read in name order, and a
+  SessionLog.START at step s discarding the events read so far at steps >= s (its rule for runs
+  restarted from a checkpoint)."""
+  events = []
+  for path in sorted(workdir.glob("events.out.tfevents.*")):
+    raw = path.read_bytes()
+    offset = 0
+    while offset < len(raw):
+      (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+      event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+      offset += 12 + length + 4
+      if event.session_log.status == event_pb2.SessionLog.START:
+        events = [(s, v) for s, v in events if s < event.step]
+      events += [(event.step, value.simple_value) for value in event.summary.value
+                 if value.tag == tag]
+  return events
+
+
+def test_logs_hold_each_step_once_after_a_crash_between_logging_and_checkpointing(tmp_path):
+  config = helpers.tiny_config("natural", epochs=2)  # 8 steps, logged and saved every 2
+  train.train(config, str(tmp_path), progress=False, stop_after=3)
+  assert _logged_steps(tmp_path) == [2, 3]
+  # What a process killed after logging steps 4 and 6 but before saving them leaves behind,
+  # including a line cut short.
+  with open(tmp_path / "metrics.jsonl", "a") as f:
+    f.write('{"step": 4, "loss": -1.0}\n{"step": 6, "loss": -1.0}\n{"step": 8, "lo')
+  writer = SummaryWriter(str(tmp_path), filename_suffix=f".{time.time_ns()}")
+  for step in (4, 6):
+    writer.add_scalar("train/loss", -1.0, step)
+  writer.close()
+
+  train.train(config, str(tmp_path), progress=False)
+  assert _logged_steps(tmp_path) == [2, 3, 4, 6, 8]
+  lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert all(line["loss"] > 0 for line in lines)
+  shown = _tensorboard_steps(tmp_path, "train/loss")
+  assert [s for s, _ in shown] == [2, 3, 4, 6, 8]
+  np.testing.assert_allclose([v for _, v in shown], [line["loss"] for line in lines], rtol=1e-6)
+
+
+def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
+  path = tmp_path / "metrics.jsonl"
+  path.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": "3"}\n{"step": 3}\n{"ste')
+  train.truncate_metrics(path, 2)
+  assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
+  train.truncate_metrics(tmp_path / "absent.jsonl", 2)
+  assert not (tmp_path / "absent.jsonl").exists()
 
 
 # ---------------------------------------------------------------------------------------------
