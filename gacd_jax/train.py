@@ -391,9 +391,10 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   Everything that can be checked (the config, the data, the teacher, the batch size against the
   dataset) is checked before anything is written; then the workdir is locked for the run
-  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A resumed run truncates the
-  logs to the step it resumes from. `stop_after` ends the loop after that global step (as if the
-  process were killed there, but with a checkpoint); the next call resumes from it.
+  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A resumed run continues
+  from the newest checkpoint that verifies against its checksums (damaged newer ones are moved
+  aside) and truncates the logs to that step. `stop_after` ends the loop after that global step
+  (as if the process were killed there, but with a checkpoint); the next call resumes from it.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
@@ -443,7 +444,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
       abstract = jax.eval_shape(init, init_rng)
       abstract = jax.tree.map(
           lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
-      start_step, state = checkpoints.restore(workdir, abstract)
+      start_step, state = checkpoints.restore(workdir, abstract, fall_back=True)
       logging.info("resuming %s from step %d", workdir, start_step)
     else:
       state = init(init_rng)

@@ -1,9 +1,10 @@
-"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved, one
-process writes a workdir, logs resume without repeating steps, and a start that fails validation
-writes nothing."""
+"""Nothing a user trained is lost or silently corrupted: non-finite states are never saved, damaged
+checkpoints are detected and set aside, one process writes a workdir, logs resume without repeating
+steps, and a start that fails validation writes nothing."""
 
 import json
 import os
+import pathlib
 import signal
 import struct
 import subprocess
@@ -222,3 +223,41 @@ def test_a_start_that_fails_validation_writes_nothing(tmp_path):
   assert checkpoints.latest_step(workdir) == 2
 
 
+# ---------------------------------------------------------------------------------------------
+# Checkpoint integrity.
+
+
+def _flip_a_byte(step_dir: pathlib.Path) -> pathlib.Path:
+  """Flip one byte in the middle of the checkpoint's largest data file."""
+  target = max((p for p in step_dir.rglob("*") if p.is_file() and "ocdbt" in str(p)
+                and p.name != "manifest.ocdbt"), key=lambda p: p.stat().st_size)
+  raw = bytearray(target.read_bytes())
+  raw[len(raw) // 2] ^= 0x01
+  target.write_bytes(bytes(raw))
+  return target
+
+
+def test_a_damaged_checkpoint_is_refused_and_training_falls_back_to_the_previous(tmp_path,
+                                                                               caplog):
+  config = helpers.tiny_config("natural")  # 4 steps, checkpoints 2 and 4
+  train.train(config, str(tmp_path), progress=False)
+  _, before = checkpoints.restore(tmp_path)
+  manifest = json.loads((tmp_path / "checkpoints" / "4" / checkpoints.MANIFEST_FILE).read_text())
+  assert len(manifest["sha256"]) > 5 and checkpoints.damage(tmp_path, 4) is None
+
+  damaged = _flip_a_byte(tmp_path / "checkpoints" / "4")
+  assert checkpoints.damage(tmp_path, 4) == (
+      f"{damaged.relative_to(tmp_path / 'checkpoints' / '4')} does not match its SHA-256")
+  with pytest.raises(errors.CheckpointError, match="checkpoint step 4 .* is damaged") as e:
+    checkpoints.load_model(tmp_path)
+  assert "\n" not in str(e.value)
+
+  with caplog.at_level("WARNING"):
+    train.train(config, str(tmp_path), progress=False)
+  assert "checkpoint step 4" in caplog.text and "corrupt-4" in caplog.text
+  corrupt = tmp_path / "checkpoints" / "corrupt-4"
+  assert corrupt.is_dir() and damaged.name in {p.name for p in corrupt.rglob("*")}
+  assert checkpoints.latest_step(tmp_path) == 4 and checkpoints.damage(tmp_path, 4) is None
+  _, after = checkpoints.restore(tmp_path)  # steps 3 and 4 again, from checkpoint 2
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), before, after)
+  assert _logged_steps(tmp_path) == [2, 4]
