@@ -4,20 +4,27 @@ A run directory (a "workdir") holds
   config.json      the full config of the run (`gacd-jax train` refuses another config here),
   run.json         facts the run derived: image shape, number of classes, the teacher's source,
   checkpoints/     orbax checkpoints of the whole train state (written atomically by orbax: a
-                   crash leaves the previous checkpoint as the latest complete one),
-  metrics.jsonl, events.* (TensorBoard), eval.json, report.md.
+                   crash leaves the previous checkpoint as the latest complete one); each step's
+                   directory holds sha256.json, the SHA-256 of each of its files, checked before
+                   it is restored; a damaged one `train` moved aside is `corrupt-<step>`,
+  metrics.jsonl, events.* (TensorBoard), eval.json, report.md,
+  .lock            locked by the `train` writing the run (`writer_lock`).
 A teacher directory is a run directory; `gacd-jax import-teacher` writes the same layout.
 """
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
 import pathlib
-from typing import Any
+import socket
+from typing import Any, Iterator
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from ml_collections import ConfigDict
 
 from gacd_jax import errors
@@ -25,6 +32,9 @@ from gacd_jax import errors
 CONFIG_FILE = "config.json"
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
+LOCK_FILE = ".lock"
+MANIFEST_FILE = "sha256.json"  # in each checkpoint's step directory
+CORRUPT_PREFIX = "corrupt-"    # a damaged checkpoint moved aside: checkpoints/corrupt-<step>
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
@@ -64,16 +74,77 @@ def read_run_info(workdir: str | os.PathLike) -> dict:
   return read_json(path)
 
 
+@contextlib.contextmanager
+def writer_lock(workdir: str | os.PathLike) -> Iterator[None]:
+  """Hold the workdir's advisory lock (`flock` on `<workdir>/.lock`, created with the workdir if
+  need be) while the block runs, so that one process writes a run at a time.
+
+  A second holder is refused at once with a `WorkdirError` naming the pid and host the lock file
+  records. The operating system releases the lock when its process ends, even by `kill -9`, so no
+  stale lock survives a crash. Only process 0 of a multi-host run locks: its processes write the
+  run together and are started together. `flock` works on local filesystems and on NFS (Linux
+  emulates it with byte-range locks there).
+  """
+  workdir = pathlib.Path(workdir)
+  if jax.process_index() != 0:
+    yield
+    return
+  if workdir.exists() and not workdir.is_dir():
+    raise errors.WorkdirError(f"--workdir {workdir} is a file, not a directory; choose another")
+  try:
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+  except OSError as e:
+    raise errors.WorkdirError(
+        f"cannot write to {workdir}: {e.strerror or e}; choose another --workdir") from e
+  try:
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      holder = os.pread(fd, 256, 0).decode(errors="replace").strip()
+      raise errors.WorkdirError(
+          f"{workdir} is being written by another gacd-jax train "
+          f"({holder or 'still starting'}); wait for it to finish or stop it, or use another "
+          "--workdir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    yield
+  finally:
+    os.close(fd)  # releases the lock
+
+
 def manager(workdir: str | os.PathLike, keep: int = 2) -> ocp.CheckpointManager:
   options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False,
                                          create=True)
   return ocp.CheckpointManager(pathlib.Path(workdir).absolute() / CHECKPOINT_DIR, options=options)
 
 
+def _step_dir(checkpoint_dir: str | os.PathLike, step: int) -> pathlib.Path:
+  return pathlib.Path(checkpoint_dir) / str(step)  # orbax's default step directory name
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    while chunk := f.read(1 << 20):
+      digest.update(chunk)
+  return digest.hexdigest()
+
+
+def _file_digests(step_dir: pathlib.Path) -> dict[str, str]:
+  return {str(path.relative_to(step_dir)): _sha256(path) for path in sorted(step_dir.rglob("*"))
+          if path.is_file() and path != step_dir / MANIFEST_FILE}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state: Any) -> None:
-  """Save the whole train state at `step` (orbax writes to a temporary directory and renames it
-  when complete, so an interrupted save never becomes the latest checkpoint)."""
+  """Save the whole train state at `step`, then its files' SHA-256 (orbax writes to a temporary
+  directory and renames it when complete, so an interrupted save never becomes the latest
+  checkpoint; one interrupted before its manifest is written is restored unverified)."""
   mngr.save(step, args=ocp.args.StandardSave(state), force=True)
+  mngr.wait_until_finished()
+  if jax.process_index() == 0:
+    step_dir = _step_dir(mngr.directory, step)
+    write_json(step_dir / MANIFEST_FILE, {"sha256": _file_digests(step_dir)})
 
 
 def latest_step(workdir: str | os.PathLike) -> int | None:
@@ -84,16 +155,80 @@ def latest_step(workdir: str | os.PathLike) -> int | None:
     return mngr.latest_step()
 
 
-def restore(workdir: str | os.PathLike, abstract_state: Any = None) -> tuple[int, Any]:
+def damage(workdir: str | os.PathLike, step: int) -> str | None:
+  """What is wrong with checkpoint `step`'s files against the SHA-256 manifest saved with it, or
+  None if they match. A checkpoint without a manifest (written before gacd-jax wrote them, or
+  interrupted between orbax's commit and the manifest) passes: there is nothing to check."""
+  step_dir = _step_dir(pathlib.Path(workdir) / CHECKPOINT_DIR, step)
+  manifest_path = step_dir / MANIFEST_FILE
+  if not manifest_path.is_file():
+    return None
+  try:
+    expected = json.loads(manifest_path.read_text())["sha256"]
+    items = sorted(expected.items())
+  except (OSError, ValueError, KeyError, TypeError, AttributeError):
+    return f"its {MANIFEST_FILE} is unreadable"
+  for name, digest in items:
+    path = step_dir / name
+    if not path.is_file():
+      return f"{name} is missing"
+    try:
+      if _sha256(path) != digest:
+        return f"{name} does not match its SHA-256"
+    except OSError as e:
+      return f"{name} cannot be read ({e.strerror})"
+  return None
+
+
+def _move_aside(workdir: pathlib.Path, step: int, problem: str) -> None:
+  """Rename a damaged checkpoint to `checkpoints/corrupt-<step>` (never delete it)."""
+  root = workdir / CHECKPOINT_DIR
+  target = root / f"{CORRUPT_PREFIX}{step}"
+  if jax.process_index() == 0:
+    n = 1
+    while target.exists():
+      n += 1
+      target = root / f"{CORRUPT_PREFIX}{step}-{n}"
+    _step_dir(root, step).rename(target)
+  logging.warning("checkpoint step %d in %s is damaged (%s): moved it to %s; resuming from the "
+                  "newest checkpoint before it", step, workdir, problem, target)
+
+
+def restore(workdir: str | os.PathLike, abstract_state: Any = None, *,
+            fall_back: bool = False) -> tuple[int, Any]:
   """Restore the latest checkpoint: `(step, state)`.
 
+  The checkpoint's files are checked against its SHA-256 manifest first. A damaged one raises
+  `CheckpointError`, or, with `fall_back` (what `train` does), is moved aside to
+  `checkpoints/corrupt-<step>` with a warning and the next newest is tried.
   With `abstract_state` (a pytree of `jax.ShapeDtypeStruct` with shardings) the result has its
   structure and placement; without it, the tree is returned as saved (nested dicts of arrays).
   """
-  step = latest_step(workdir)
-  if step is None:
+  workdir = pathlib.Path(workdir)
+  steps = []
+  if (workdir / CHECKPOINT_DIR).is_dir():
+    with manager(workdir) as mngr:
+      steps = sorted(mngr.all_steps(), reverse=True)
+  if not steps:
     raise errors.CheckpointError(
         f"{workdir} holds no checkpoint; the run never saved one (train it first)")
+  for step in steps:
+    problem = damage(workdir, step)
+    if problem is None:
+      break
+    if not fall_back:
+      raise errors.CheckpointError(
+          f"checkpoint step {step} in {workdir} is damaged ({problem}); restore the file from a "
+          f"copy, or run `gacd-jax train` on this workdir to move it aside and resume from the "
+          "newest intact checkpoint")
+    _move_aside(workdir, step, problem)
+  else:
+    raise errors.CheckpointError(
+        f"every checkpoint in {workdir} is damaged; they were moved to "
+        f"{CHECKPOINT_DIR}/{CORRUPT_PREFIX}*, so running the command again starts the run over")
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices("gacd_jax.checkpoints.restore")  # after the renames
   try:
     with manager(workdir) as mngr:
       # Without a target, arrays saved from another device topology (a pod, 8 GPUs) land on
@@ -106,9 +241,9 @@ def restore(workdir: str | os.PathLike, abstract_state: Any = None) -> tuple[int
   except Exception as e:  # orbax raises many types for unreadable or mismatched files
     raise errors.CheckpointError(
         f"cannot restore checkpoint step {step} in {workdir}: {type(e).__name__}: "
-        f"{str(e)[:500]}. If the files are damaged, delete {CHECKPOINT_DIR}/{step} to fall back to "
-        "an earlier checkpoint; if the config changed, use the config the run was made with"
-    ) from e
+        f"{' '.join(str(e).split())[:300]}. If the files are damaged, move "
+        f"{CHECKPOINT_DIR}/{step} aside to fall back to an earlier checkpoint; if the config "
+        "changed, use the config the run was made with") from e
   return step, state
 
 

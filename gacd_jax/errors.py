@@ -20,3 +20,7 @@ class DataError(GacdError):
 
 class CheckpointError(GacdError):
   """A checkpoint or teacher directory that is missing, corrupt, or holds another model."""
+
+
+class WorkdirError(GacdError):
+  """A run directory that another process is writing, or that cannot be written."""

@@ -12,7 +12,7 @@ never checkpointed with the student.
 
 import dataclasses
 import json
-import math
+import os
 import pathlib
 import shutil
 import time
@@ -39,13 +39,15 @@ from gacd_jax.methods import Context, InitInfo, Method
 PyTree = Any
 State = dict[str, Any]
 
-# Keys that may change between a run and its resumption (more epochs, other logging cadence).
+# Keys that may change between a run and its resumption: more epochs, another logging cadence,
+# and the optimizer's settings (a lower learning rate or another schedule after a divergence).
+# Changing optim.momentum to or from 0 changes the optimizer state's shape, which cannot resume.
 RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval")
+                     "train.keep_checkpoints", "eval", "optim")
 
 
-class NonFiniteLossError(errors.GacdError):
-  """The loss became NaN or infinite."""
+class NonFiniteError(errors.GacdError):
+  """The loss, the gradient or the state became NaN or infinite."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -159,12 +161,35 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
       logits = metrics.pop(f"logits_{kind}", None)
       if logits is not None:
         metrics[f"{kind}_acc"] = losses.accuracy(logits, batch["label"])
-    metrics.update(loss=loss, grad_norm=optax.tree.norm(grads))
+    grad_norm = optax.tree.norm(grads)
+    metrics.update(loss=loss, grad_norm=grad_norm)
     new_state = dict(step=state["step"] + 1, params=params, batch_stats=batch_stats,
                      opt_state=opt_state, method_state=method_state)
+    metrics["nonfinite"] = nonfinite_code(loss, grad_norm, new_state)
     return new_state, metrics
 
   return step
+
+
+# What `nonfinite_code` checks, in order: code i + 1 names NONFINITE_GROUPS[i].
+NONFINITE_GROUPS = (("loss", "the loss"), ("grad_norm", "the gradient norm"),
+                    ("params", "the parameters"), ("batch_stats", "the BatchNorm statistics"),
+                    ("opt_state", "the optimizer state"), ("method_state", "the method state"))
+
+
+def nonfinite_code(loss: jax.Array, grad_norm: jax.Array, state: State) -> jax.Array:
+  """0 if the loss, the gradient norm and every floating-point leaf of `state` are finite, else
+  1 + the index in `NONFINITE_GROUPS` of the first group that is not: an int32 scalar.
+
+  Everything a checkpoint holds is covered, so the host needs to read only this scalar (with the
+  metrics it reads anyway) to know that a state is safe to save.
+  """
+  def finite(tree):
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves])) if leaves else True
+  flags = jnp.stack([finite(loss), finite(grad_norm)] +
+                    [finite(state[group]) for group, _ in NONFINITE_GROUPS[2:]])
+  return jnp.where(jnp.all(flags), 0, jnp.argmin(flags) + 1).astype(jnp.int32)
 
 
 def jit_step(step: Callable, mesh) -> Callable:
@@ -277,7 +302,12 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
 
 def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) -> None:
-  """Refuse a workdir holding another config's run, unless told to overwrite it."""
+  """Refuse a workdir holding another config's run, unless told to overwrite it; write
+  config.json.
+
+  A config differing only in `RESUMABLE_CHANGES` (e.g. `optim.*`) resumes the run, and
+  config.json then records the new config. Call it only once the config is known to be valid.
+  """
   config_path = workdir / checkpoints.CONFIG_FILE
   new = json.loads(config_lib.to_json(config))
   if config_path.exists():
@@ -297,14 +327,25 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
 
 
 class MetricsLog:
-  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only)."""
+  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
 
-  def __init__(self, workdir: pathlib.Path):
+  A run resumed from `start_step` logs each step once: metrics.jsonl is first cut to the lines
+  up to `start_step` (those after it came from steps the checkpoint does not hold, and are logged
+  again), and the new event file asks TensorBoard to drop earlier files' events after
+  `start_step` (`purge_step`).
+  """
+
+  def __init__(self, workdir: pathlib.Path, start_step: int = 0):
     self._enabled = jax.process_index() == 0
     if self._enabled:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._jsonl = open(workdir / "metrics.jsonl", "a")
-      self._tb = SummaryWriter(str(workdir))
+      path = workdir / "metrics.jsonl"
+      truncate_metrics(path, start_step)
+      self._jsonl = open(path, "a")
+      # Event files are named by the second they start in; the suffix keeps a resumption in the
+      # same second from replacing the earlier file, and sorts after it as TensorBoard reads.
+      self._tb = SummaryWriter(str(workdir), purge_step=start_step + 1,
+                               filename_suffix=f".{time.time_ns()}")
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self._enabled:
@@ -320,6 +361,24 @@ class MetricsLog:
       self._tb.close()
 
 
+def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
+  """Keep the lines of a metrics.jsonl logged at steps up to `last_step`, rewriting it atomically;
+  a line cut short by a crash is dropped."""
+  if not path.exists():
+    return
+  kept = []
+  for line in path.read_text().splitlines():
+    try:
+      step = json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+      continue
+    if isinstance(step, int) and step <= last_step:
+      kept.append(line + "\n")
+  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+  tmp.write_text("".join(kept))
+  os.replace(tmp, path)
+
+
 def _progress(total: int, initial: int, desc: str, enabled: bool):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
@@ -330,13 +389,15 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
           progress: bool = True, stop_after: Optional[int] = None) -> dict[str, float]:
   """Train (or resume) the run in `workdir`; return the last logged metrics.
 
-  `stop_after` ends the loop after that global step (as if the process were killed there, but
-  with a checkpoint); the next call resumes from it.
+  Everything that can be checked (the config, the data, the teacher, the batch size against the
+  dataset) is checked before anything is written; then the workdir is locked for the run
+  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A resumed run continues
+  from the newest checkpoint that verifies against its checksums (damaged newer ones are moved
+  aside) and truncates the logs to that step. `stop_after` ends the loop after that global step
+  (as if the process were killed there, but with a checkpoint); the next call resumes from it.
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
-  prepare_workdir(workdir, config, overwrite)
-
   source = data.build(config.data.name, "train", image_size=config.data.image_size or None,
                       channels=config.data.channels or None, data_dir=config.data.data_dir or None,
                       num_examples=config.data.num_examples or None,
@@ -345,6 +406,10 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   global_batch = config.train.batch_size
   sharding.check_batch_size(global_batch, mesh)
   steps_per_epoch = data.steps_per_epoch(source.num_examples, global_batch)
+  if not steps_per_epoch:
+    raise errors.ConfigError(
+        f"config.train.batch_size={global_batch} is larger than the {source.num_examples} "
+        f"training examples of {config.data.name}, so an epoch has no step; lower it")
   total_steps = steps_per_epoch * config.train.epochs
 
   method = methods.build(config.method)
@@ -353,75 +418,79 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
                        **config_lib.model_kwargs(config.model))
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
   teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
-  checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
-      "image_shape": list(source.image_shape), "num_classes": source.num_classes,
-      "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
-      "teacher": teacher.record if teacher else None})
 
-  tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
-  info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
-                  steps_per_epoch=steps_per_epoch,
-                  num_classes=source.num_classes,
-                  student_feature_dim=models.feature_dim(model, source.image_shape),
-                  teacher_feature_dim=teacher.feature_dim if teacher else None,
-                  teacher_num_classes=teacher.num_classes if teacher else None)
-  replicated = sharding.replicated(mesh)
-  init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
-                 out_shardings=replicated)
-  rng = jax.random.key(config.seed)
-  init_rng, step_rng = jax.random.split(rng)
+  with checkpoints.writer_lock(workdir):
+    prepare_workdir(workdir, config, overwrite)
+    checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
+        "image_shape": list(source.image_shape), "num_classes": source.num_classes,
+        "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
+        "teacher": teacher.record if teacher else None})
 
-  start_step = checkpoints.latest_step(workdir) or 0
-  if start_step:
-    abstract = jax.eval_shape(init, init_rng)
-    abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
-                            abstract)
-    start_step, state = checkpoints.restore(workdir, abstract)
-    logging.info("resuming %s from step %d", workdir, start_step)
-  else:
-    state = init(init_rng)
-  teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
+    tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
+    info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
+                    steps_per_epoch=steps_per_epoch,
+                    num_classes=source.num_classes,
+                    student_feature_dim=models.feature_dim(model, source.image_shape),
+                    teacher_feature_dim=teacher.feature_dim if teacher else None,
+                    teacher_num_classes=teacher.num_classes if teacher else None)
+    replicated = sharding.replicated(mesh)
+    init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
+                   out_shardings=replicated)
+    rng = jax.random.key(config.seed)
+    init_rng, step_rng = jax.random.split(rng)
 
-  step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
-                               teacher_model,
-                               crop_padding=config.data.crop_padding, flip=config.data.flip),
-                     mesh)
-  batch_sharding = sharding.batch_sharding(mesh)
-  end_step = total_steps if stop_after is None else min(total_steps, stop_after)
-  log = MetricsLog(workdir)
-  last: dict[str, float] = {}
-  pending: list[tuple[int, dict]] = []
-  step = start_step
-  bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
-  try:
-    with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
-      tic = time.perf_counter()
-      while step < end_step:
-        epoch = step // steps_per_epoch
-        batches = data.train_batches(
-            source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
-            start_step=step % steps_per_epoch, process_index=jax.process_index(),
-            process_count=jax.process_count())
-        for batch in batches:
-          state, metrics = step_fn(state, teacher_variables,
-                                   data.to_global(batch, batch_sharding), step_rng)
-          pending.append((step, metrics))
-          step += 1
-          bar.update(1)
-          done = step >= end_step
-          save = step % config.train.checkpoint_every == 0 or done
-          # Metrics are checked before every save, so a non-finite state is never checkpointed.
-          if step % config.train.log_every == 0 or save:
-            last = _flush(pending, log, bar, tic)
-            pending, tic = [], time.perf_counter()
-          if save:
-            checkpoints.save(mngr, step, state)
-          if done:
-            break
-      mngr.wait_until_finished()
-  finally:
-    bar.close()
-    log.close()
+    start_step = 0
+    if checkpoints.latest_step(workdir) is not None:
+      abstract = jax.eval_shape(init, init_rng)
+      abstract = jax.tree.map(
+          lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract)
+      start_step, state = checkpoints.restore(workdir, abstract, fall_back=True)
+      logging.info("resuming %s from step %d", workdir, start_step)
+    else:
+      state = init(init_rng)
+    teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
+
+    step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
+                                 teacher_model,
+                                 crop_padding=config.data.crop_padding, flip=config.data.flip),
+                       mesh)
+    batch_sharding = sharding.batch_sharding(mesh)
+    end_step = total_steps if stop_after is None else min(total_steps, stop_after)
+    log = MetricsLog(workdir, start_step)
+    last: dict[str, float] = {}
+    pending: list[tuple[int, dict]] = []
+    step = start_step
+    bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
+    try:
+      with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
+        tic = time.perf_counter()
+        while step < end_step:
+          epoch = step // steps_per_epoch
+          batches = data.train_batches(
+              source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
+              start_step=step % steps_per_epoch, process_index=jax.process_index(),
+              process_count=jax.process_count())
+          for batch in batches:
+            state, metrics = step_fn(state, teacher_variables,
+                                     data.to_global(batch, batch_sharding), step_rng)
+            pending.append((step, metrics))
+            step += 1
+            bar.update(1)
+            done = step >= end_step
+            save = step % config.train.checkpoint_every == 0 or done
+            # Metrics, with the step's non-finite check, are read before every save, so a
+            # non-finite state is never checkpointed.
+            if step % config.train.log_every == 0 or save:
+              last = _flush(pending, log, bar, tic)
+              pending, tic = [], time.perf_counter()
+            if save:
+              checkpoints.save(mngr, step, state)
+            if done:
+              break
+        mngr.wait_until_finished()
+    finally:
+      bar.close()
+      log.close()
   return last
 
 
@@ -433,13 +502,17 @@ def all_labels(source: data.Source, chunk: int = 4096) -> np.ndarray:
 
 
 def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) -> dict[str, float]:
-  """Read the pending steps' metrics from the device, stop on a non-finite loss, log the mean."""
+  """Read the pending steps' metrics from the device, stop on a non-finite state, log the mean."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), metrics in zip(pending, fetched):
-    if not math.isfinite(float(metrics["loss"])):
-      raise NonFiniteLossError(
-          f"the loss became {float(metrics['loss'])} at step {step}; lower config.optim.lr or "
-          "check the data (the last checkpoint before it is kept)")
+    code = int(metrics.pop("nonfinite"))
+    if code:
+      key, quantity = NONFINITE_GROUPS[code - 1]
+      value = f"{float(metrics[key])}" if key in metrics else "non-finite (nan or inf)"
+      raise NonFiniteError(
+          f"{quantity} became {value} at step {step + 1}; no checkpoint holds it. Lower "
+          "config.optim.lr (optim.* may change when resuming) or check the data, then run the "
+          "same command to resume from the last checkpoint")
   mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
   mean["steps_per_s"] = len(pending) / max(time.perf_counter() - tic, 1e-9)
   log.write(pending[-1][0] + 1, mean)

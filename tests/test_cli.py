@@ -2,9 +2,11 @@
 train, resume, evaluate and the demo work end to end."""
 
 import json
+import os
 
 import pytest
 
+from gacd_jax import checkpoints
 from tests import helpers
 
 DIGITS = "configs/digits.py"
@@ -72,6 +74,15 @@ def test_a_teacher_whose_parameters_do_not_fit_its_config(tmp_path, teacher_dir)
 def test_a_workdir_of_another_config(tmp_path, teacher_dir):
   proc = helpers.run_cli("train", f"--config={DIGITS}:natural", f"--workdir={teacher_dir}", *TINY)
   _assert_clean_error(proc, "different config", "--overwrite")
+
+
+def test_a_workdir_another_train_is_writing(tmp_path):
+  with checkpoints.writer_lock(tmp_path):  # this process stands in for the running train
+    proc = helpers.run_cli("train", f"--config={DIGITS}:natural", f"--workdir={tmp_path}", *TINY,
+                           "--overwrite")
+  _assert_clean_error(proc, "being written by another gacd-jax train", f"pid {os.getpid()} ")
+  assert proc.returncode == 2 and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+  assert not (tmp_path / "config.json").exists()
 
 
 def test_unknown_command():

@@ -149,9 +149,12 @@ def test_a_non_finite_loss_stops_the_run_with_its_step():
   class Bar:
     def set_postfix(self, **_):
       pass
-  pending = [(10, {"loss": np.float32(1.0)}), (11, {"loss": np.float32(np.nan)}),
-             (12, {"loss": np.float32(np.nan)})]
-  with pytest.raises(train.NonFiniteLossError, match="step 11"):
+  loss_code = 1 + [group for group, _ in train.NONFINITE_GROUPS].index("loss")
+  pending = [(10, {"loss": np.float32(1.0), "nonfinite": np.int32(0)}),
+             (11, {"loss": np.float32(np.nan), "nonfinite": np.int32(loss_code)}),
+             (12, {"loss": np.float32(np.nan), "nonfinite": np.int32(loss_code)})]
+  # pending holds 0-based step indices; the error names the step count, as checkpoints and logs do
+  with pytest.raises(train.NonFiniteError, match="the loss became nan at step 12;"):
     train._flush(pending, None, Bar(), 0.0)
 
 
