@@ -94,16 +94,25 @@ class AttackSettings:
   start: str
   bn_mode: str
   unroll: bool
+  warmup_steps: int = 0  # eps and step size grow linearly to their values over these steps
 
   @classmethod
-  def resolve(cls, attack_config: ConfigDict, method: Method) -> "AttackSettings":
+  def resolve(cls, attack_config: ConfigDict, method: Method,
+              steps_per_epoch: int = 0) -> "AttackSettings":
     return cls(eps=attack_config.eps, step_size=attack_config.step_size,
                steps=attack_config.steps, norm=attack_config.norm,
                start=method.attack_start if attack_config.start == "method" else
                attack_config.start,
                bn_mode=method.attack_bn if attack_config.bn_mode == "method" else
                attack_config.bn_mode,
-               unroll=attack_config.unroll)
+               unroll=attack_config.unroll,
+               warmup_steps=round(attack_config.eps_warmup_epochs * steps_per_epoch))
+
+  def scale(self, step: jax.Array) -> jax.Array | float:
+    """The fraction of eps and step size in force at train step `step` (0-based)."""
+    if not self.warmup_steps:
+      return 1.0
+    return jnp.minimum(1.0, (step + 1).astype(jnp.float32) / self.warmup_steps)
 
 
 def make_step(model, method: Method, tx: optax.GradientTransformation, attack: AttackSettings,
@@ -141,8 +150,9 @@ def make_step(model, method: Method, tx: optax.GradientTransformation, attack: A
       student = attack_forward(model, state["params"]["student"], state["batch_stats"],
                                attack.bn_mode)
       objective = method.objective(context(student, state["params"]["method"], objective_rng))
-      x_adv = attacks.pgd(objective, images, attack_rng, eps=attack.eps,
-                          step_size=attack.step_size, steps=attack.steps, norm=attack.norm,
+      scale = attack.scale(state["step"])
+      x_adv = attacks.pgd(objective, images, attack_rng, eps=attack.eps * scale,
+                          step_size=attack.step_size * scale, steps=attack.steps, norm=attack.norm,
                           start=attack.start, unroll=attack.unroll)
 
     def loss_fn(params):
@@ -450,7 +460,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
       state = init(init_rng)
     teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
 
-    step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method),
+    step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method,
+                                                                     steps_per_epoch),
                                  teacher_model,
                                  crop_padding=config.data.crop_padding, flip=config.data.flip),
                        mesh)

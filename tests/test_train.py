@@ -1,5 +1,6 @@
 """The train step and loop: learning, a frozen teacher, 1 vs 8 devices, resume, NaN, workdirs."""
 
+import dataclasses
 import json
 import math
 
@@ -161,3 +162,31 @@ def test_a_non_finite_loss_stops_the_run_with_its_step():
 def test_a_method_with_a_teacher_needs_one(tmp_path):
   with pytest.raises(errors.ConfigError, match="teacher.workdir"):
     train.train(helpers.tiny_config("ard"), str(tmp_path), progress=False)
+
+
+def test_eps_warmup_scales_the_training_attack_by_the_step():
+  """With a warm-up of W steps, step s attacks with eps * (s + 1) / W: the first step of a run with
+  warm-up equals the first step of a run without it at eps / W (same keys), and from step W on
+  the full eps is used."""
+  config = helpers.tiny_config("pgd_at")
+  method = methods.build(config.method)
+  config.attack.eps_warmup_epochs = 2
+  warm = train.AttackSettings.resolve(config.attack, method, steps_per_epoch=5)
+  assert warm.warmup_steps == 10
+  np.testing.assert_allclose([float(warm.scale(jnp.int32(s))) for s in (0, 4, 9, 30)],
+                             [0.1, 0.5, 1.0, 1.0], rtol=1e-6)
+  config.attack.eps_warmup_epochs = 0
+  assert train.AttackSettings.resolve(config.attack, method, steps_per_epoch=5).scale(0) == 1.0
+
+  state, teacher_vars, _, batch = _step_setup("pgd_at")
+  model = models.build("small_cnn", 10, width=8)
+  tx = train.make_optimizer(config.optim, 4, 100)
+  small = dataclasses.replace(warm, eps=warm.eps / 10, step_size=warm.step_size / 10,
+                              warmup_steps=0)
+  outputs = []
+  for settings in (warm, small):
+    step = jax.jit(train.make_step(model, method, tx, settings, crop_padding=1, flip=False))
+    new_state, _ = step(jax.tree.map(jnp.array, state), teacher_vars, batch, jax.random.key(3))
+    outputs.append(new_state["params"])
+  for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
