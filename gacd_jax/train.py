@@ -304,10 +304,16 @@ def _flatten(d: dict, prefix: str = "") -> dict:
 
 
 def config_differences(old: dict, new: dict) -> list[str]:
-  """Config keys whose values differ, ignoring those a resumed run may change."""
+  """Config keys whose values differ, ignoring those a resumed run may change.
+
+  A key the old run's config lacks (a switch added to gacd_jax since) is no difference when the
+  new config holds its default: a new switch's default is the behaviour the run was made with.
+  """
   old_flat, new_flat = _flatten(old), _flatten(new)
+  defaults = _flatten(json.loads(config_lib.to_json(config_lib.default())))
   keys = sorted(old_flat.keys() | new_flat.keys())
   return [k for k in keys if old_flat.get(k) != new_flat.get(k)
+          and not (k not in old_flat and k in defaults and new_flat.get(k) == defaults[k])
           and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import methods
@@ -190,3 +191,17 @@ def test_eps_warmup_scales_the_training_attack_by_the_step():
     outputs.append(new_state["params"])
   for a, b in zip(jax.tree.leaves(outputs[0]), jax.tree.leaves(outputs[1])):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_a_switch_added_since_a_run_was_made_is_no_difference_at_its_default():
+  """A run's config.json written before a switch existed resumes when the switch holds its
+  default (the behaviour the run was made with), and not when it is set to something else."""
+  new = json.loads(config_lib.to_json(helpers.tiny_config("pgd_at")))
+  old = json.loads(json.dumps(new))
+  del old["attack"]["eps_warmup_epochs"]
+  assert train.config_differences(old, new) == []
+  new["attack"]["eps_warmup_epochs"] = 3
+  assert train.config_differences(old, new) == ["attack.eps_warmup_epochs"]
+  del new["attack"]["eps_warmup_epochs"]  # a key the new config lacks is always a difference
+  old["attack"]["eps_warmup_epochs"] = 0
+  assert train.config_differences(old, new) == ["attack.eps_warmup_epochs"]
