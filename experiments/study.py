@@ -66,6 +66,7 @@ GACD_VARIANTS: dict[str, dict[str, Any]] = {
     # the paper's components removed ('attack=ce' above is GACD without the guided attack,
     # 'reweighting=none' without reweighting)
     "no contrastive term": {"contrastive_weight": 0.0},
+    "attack=ce, no contrastive (= PGD-AT)": {"attack_objective": "ce", "contrastive_weight": 0.0},
     # combinations: soft labels and the contrastive term with the two soft-label attacks
     "attack=ce +kl": {"attack_objective": "ce", "kl_weight": 1.0},
     "attack=ce +kl(T=30) -ce": {"attack_objective": "ce", "kl_weight": 1.0,

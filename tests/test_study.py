@@ -1,0 +1,66 @@
+"""The study runner's plan and its tables (the runs themselves are what `experiments/study.py`
+does for hours; here only what decides which runs exist and how their numbers are reported)."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+
+from experiments import study
+from gacd_jax import config as config_lib
+from gacd_jax import recipes
+
+
+def test_the_grid_shares_one_teacher_per_dataset_and_seed_and_one_student_width(tmp_path):
+  teachers, students = study.plan("grid", tmp_path, ["digits", "mnist5k"], [0, 1],
+                                  ["pgd_at", "ard", "gacd"], "test", "standard")
+  assert len(teachers) == 4 and len(students) == 12
+  for run in students:
+    config_lib.validate(run.config)
+    assert run.config.model.small_cnn.width == recipes.SMALL_DATA[run.dataset].student_width
+    assert (run.config.eval.split, run.config.eval.suite) == ("test", "standard")
+    assert run.config.seed == run.seed
+    if run.name != "pgd_at":
+      assert run.config.teacher.workdir == str(tmp_path / run.dataset / f"seed{run.seed}" /
+                                               "teacher")
+  # every (dataset, seed, method) once, each in its own directory
+  assert len({r.workdir for r in teachers + students}) == 16
+
+
+def test_the_ablation_changes_only_gacd_switches_and_its_default_is_the_grids_gacd(tmp_path):
+  _, grid = study.plan("grid", tmp_path, ["digits"], [0], ["gacd"], "validation", "fast")
+  _, ablation = study.plan("ablation", tmp_path, ["digits"], [0], list(study.GACD_VARIANTS),
+                           "validation", "fast")
+  default = next(r for r in ablation if r.name == "default")
+  assert default.workdir == grid[0].workdir  # trained once
+  base = json.loads(config_lib.to_json(default.config))
+  for run in ablation:
+    changed = json.loads(config_lib.to_json(run.config))
+    assert {k: v for k, v in changed.items() if k != "method"} == {
+        k: v for k, v in base.items() if k != "method"}
+    overrides = study.GACD_VARIANTS[run.name]
+    assert {k for k in changed["method"]["gacd"]
+            if changed["method"]["gacd"][k] != base["method"]["gacd"][k]} == {
+                k for k, v in overrides.items() if base["method"]["gacd"][k] != v}
+
+
+def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
+  stored, runs = {}, []
+  values = {"ard": [0.5, 0.6, 0.7], "gacd": [0.4, 0.45, 0.5]}
+  for name, accs in values.items():
+    for seed, acc in enumerate(accs):
+      run = study.Run("digits", seed, name, None, tmp_path / f"{name}{seed}")
+      runs.append(run)
+      stored[run.workdir] = {"accuracy": {"clean": 0.9, "pgd20": acc + 0.05, "autoattack": acc}}
+  results = study.collect(runs[::-1], stored)  # seed order is restored
+  assert results["ard"]["autoattack"] == [0.5, 0.6, 0.7]
+  mean, std = study.mean_std([100 * v for v in values["gacd"]])
+  assert mean == pytest.approx(45.0) and std == pytest.approx(np.std([40, 45, 50], ddof=1))
+  table = study.results_table(results)
+  assert "| ard " in table and "60.0 ± 10.0" in table and "45.0 ± 5.0" in table
+  path = tmp_path / "study.json"
+  study.merge_json(path, "digits", results)
+  study.merge_json(path, "mnist5k", {"ard": {"clean": [0.1]}})
+  assert set(json.loads(path.read_text())) == {"digits", "mnist5k"}
+  assert study.format_cell([]) == "-"
