@@ -69,6 +69,7 @@ GACD_VARIANTS: dict[str, dict[str, Any]] = {
     "attack=ce, no contrastive (= PGD-AT)": {"attack_objective": "ce", "contrastive_weight": 0.0},
     # combinations: soft labels and the contrastive term with the two soft-label attacks
     "attack=ce +kl": {"attack_objective": "ce", "kl_weight": 1.0},
+    "attack=ce, infonce": {"attack_objective": "ce", "estimator": "infonce"},
     "attack=ce +kl(T=30) -ce": {"attack_objective": "ce", "kl_weight": 1.0,
                                 "kl_temperature": 30.0, "ce_weight": 0.0},
     "attack=kl +kl -ce": {"attack_objective": "kl", "kl_weight": 1.0, "ce_weight": 0.0},
@@ -76,6 +77,8 @@ GACD_VARIANTS: dict[str, dict[str, Any]] = {
                                           "ce_weight": 0.0, "contrastive_weight": 0.0},
     "attack=kl +kl -ce, no reweighting": {"attack_objective": "kl", "kl_weight": 1.0,
                                           "ce_weight": 0.0, "reweighting": "none"},
+    "attack=kl +kl -ce, infonce": {"attack_objective": "kl", "kl_weight": 1.0, "ce_weight": 0.0,
+                                   "estimator": "infonce"},
 }
 
 
