@@ -235,7 +235,8 @@ def main(argv=None) -> None:
   parser.add_argument("--datasets", default="digits,mnist5k")
   parser.add_argument("--seeds", default="0,1,2")
   parser.add_argument("--names", default="",
-                      help="grid: methods (default GRID_METHODS); ablation: variants (default all)")
+                      help="grid: methods, comma-separated (default GRID_METHODS); ablation: "
+                      "variants, separated by ';' as their names hold commas (default all)")
   parser.add_argument("--split", default="", help="default: test for grid, validation for ablation")
   parser.add_argument("--suite", default="", help="AutoAttack version; default: standard for "
                       "grid, fast for ablation")
@@ -250,7 +251,8 @@ def main(argv=None) -> None:
       parser.error(f"unknown dataset {name!r}; the study runs on {', '.join(recipes.SMALL_DATA)}")
   seeds = [int(s) for s in args.seeds.split(",")]
   default_names = GRID_METHODS if args.kind == "grid" else tuple(GACD_VARIANTS)
-  names = args.names.split(",") if args.names else list(default_names)
+  separator = "," if args.kind == "grid" else ";"
+  names = args.names.split(separator) if args.names else list(default_names)
   known = methods.names() if args.kind == "grid" else list(GACD_VARIANTS)
   for name in names:
     if name not in known:
