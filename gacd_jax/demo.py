@@ -12,7 +12,6 @@ import time
 
 from ml_collections import ConfigDict
 
-from gacd_jax import config as config_lib
 from gacd_jax import evaluate
 from gacd_jax import recipes
 from gacd_jax import report

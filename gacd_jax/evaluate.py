@@ -152,7 +152,8 @@ def logits_fn(module) -> ApplyFn:
 
 def test_source(config: ConfigDict, split: str = "") -> data.Source:
   """The split of `config.data` that evaluation reads: `split`, else `config.eval.split`."""
-  return data.build(config.data.name, split or config.eval.split, image_size=config.data.image_size or None,
+  return data.build(config.data.name, split or config.eval.split,
+                    image_size=config.data.image_size or None,
                     channels=config.data.channels or None, data_dir=config.data.data_dir or None,
                     num_examples=config.data.num_examples or None,
                     num_classes=config.data.num_classes or None, seed=config.seed)
@@ -191,9 +192,9 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   ('fast', 'standard', 'plus'). Writes into the workdir `eval.json` (accuracies in [0, 1] and
   seconds per attack, and AutoAttack's accuracy after each of its attacks) and `report.md` (the
   table, with the time per attack); on the validation split `eval-validation.json` and
-  `report-validation.md`, so the two never overwrite each other. Returns the accuracies by attack name ('autoattack' for the
-  ensemble; with `curve`, also the PGD accuracy per eps of `config.eval.eps_curve` under
-  'eps_curve').
+  `report-validation.md`, so the two never overwrite each other. Returns the accuracies by attack
+  name ('autoattack' for the ensemble; with `curve`, also the PGD accuracy per eps of
+  `config.eval.eps_curve` under 'eps_curve').
   """
   config_lib.validate(config)
   module, variables = checkpoints.load_model(workdir)

@@ -305,8 +305,7 @@ def small_method_config(dataset: str, method: str) -> ConfigDict:
   c.method.kl_reduction = "batchmean"
   if uses_teacher(c.method):
     c.teacher.model = "small_cnn"
-  iad = RECIPES.get("iad")
-  c.method.iad.warmup_epochs = round(c.method.iad.warmup_epochs * d.epochs / iad.epochs)
+  c.method.iad.warmup_epochs = round(c.method.iad.warmup_epochs * d.epochs / RECIPES["iad"].epochs)
   c.method.gacd.num_negatives = d.num_negatives
   c.method.crd.num_negatives = d.num_negatives
   return c
