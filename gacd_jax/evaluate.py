@@ -23,6 +23,7 @@ from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import report
+from gacd_jax import runtime
 from gacd_jax import sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -196,7 +197,8 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   'eps_curve').
   """
   config_lib.validate(config)
-  module, variables = checkpoints.load_model(workdir)
+  module, variables = checkpoints.load_model(
+      workdir, store_conv_inputs=runtime.store_conv_inputs(jax.default_backend()))
   source = test_source(config)
   settings = EvalSettings.from_config(config.eval)
   workdir = pathlib.Path(workdir)

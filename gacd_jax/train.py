@@ -33,6 +33,7 @@ from gacd_jax import errors
 from gacd_jax import losses
 from gacd_jax import methods
 from gacd_jax import models
+from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax.methods import Context, InitInfo, Method
 
@@ -414,10 +415,13 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   method = methods.build(config.method)
   dtype = config_lib.compute_dtype(config)
+  store_conv_inputs = runtime.store_conv_inputs(jax.default_backend())
   model = models.build(config.model.name, source.num_classes, dtype=dtype,
+                       store_conv_inputs=store_conv_inputs,
                        **config_lib.model_kwargs(config.model))
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
-  teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
+  teacher_model = (teacher.model.clone(dtype=dtype, store_conv_inputs=store_conv_inputs)
+                   if teacher else None)
 
   with checkpoints.writer_lock(workdir):
     prepare_workdir(workdir, config, overwrite)
