@@ -58,9 +58,8 @@ def attack_fn(name: str, settings: EvalSettings) -> AttackFn:
   if name == "clean":
     return lambda f, x, y, rng, eps: x
   if name == "fgsm":
-    return lambda f, x, y, rng, eps: attacks.pgd(
-        attacks.cross_entropy_objective(f, y), x, None, eps=eps, step_size=eps, steps=1,
-        start="none")
+    return lambda f, x, y, rng, eps: attacks.fgsm(attacks.cross_entropy_objective(f, y), x,
+                                                  eps=eps)
   if name == "pgd20":
     return lambda f, x, y, rng, eps: attacks.pgd(
         attacks.cross_entropy_objective(f, y), x, rng, eps=eps,
@@ -178,7 +177,7 @@ def run_autoattack(apply_fn: ApplyFn, variables: Any, source: data.Source, confi
         "host's devices), or call gacd_jax.autoattack.evaluate on each host's share")
   x, y = test_arrays(source, config.eval.max_examples)
   return autoattack.evaluate(
-      apply_fn, x, y, params=variables, eps=config.eval.eps, norm="Linf",
+      apply_fn, x, y, params=variables, eps=config.eval.eps, norm="linf",
       version=config.eval.suite, batch_size=config.eval.batch_size, seed=config.seed,
       n_iter=config.eval.autoattack_n_iter, n_queries=config.eval.autoattack_n_queries,
       progress=progress)

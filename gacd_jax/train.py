@@ -99,7 +99,7 @@ class AttackSettings:
   @classmethod
   def resolve(cls, attack_config: ConfigDict, method: Method) -> "AttackSettings":
     return cls(eps=attack_config.eps, step_size=attack_config.step_size,
-               steps=attack_config.steps, norm=attack_config.norm,
+               steps=attack_config.steps, norm=attacks.norm_name(attack_config.norm),
                start=method.attack_start if attack_config.start == "method" else
                attack_config.start,
                bn_mode=method.attack_bn if attack_config.bn_mode == "method" else
@@ -318,8 +318,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
           f"{workdir} holds a run with a different config (differs in: {', '.join(diffs[:10])}); "
           "use another --workdir, or pass --overwrite to replace that run")
     if diffs:
-      for name in (checkpoints.CHECKPOINT_DIR,):
-        shutil.rmtree(workdir / name, ignore_errors=True)
+      shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
       for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval*.json", "report*.md"):
         for path in workdir.glob(pattern):
           path.unlink()

@@ -140,9 +140,7 @@ def _attack_settings(version: str, n_iter: int, n_queries: int, n_target_classes
 
 def _check_settings(x: np.ndarray, y: np.ndarray, eps: float, norm: str, version: str,
                     names: Sequence[str], batch_size: int, mesh) -> None:
-  if norm not in NORMS:
-    raise errors.ConfigError(f"unknown norm {norm!r}; use one of {', '.join(NORMS)}")
-  if norm == "Linf":
+  if norm == "linf":
     attacks.check_eps(eps)
   elif not isinstance(eps, (int, float)) or not 0 <= eps < np.inf:
     raise errors.ConfigError(f"eps={eps!r} must be a non-negative number")
@@ -184,7 +182,7 @@ class _WithParams:
     return self.apply_fn(*args, key) if self.randomized else self.apply_fn(*args)
 
 
-def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, norm: Norm = "Linf",
+def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, norm: Norm = "linf",
              version: str = "standard", attacks_to_run: Sequence[str] | None = None,
              batch_size: int = 256, seed: int = 0, randomized: bool = False, n_iter: int = 100,
              n_queries: int = 5000, n_target_classes: int = 9, eot_iter: int = 20, mesh=None,
@@ -200,7 +198,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
       attacks as an argument; a closure over them would compile them in as constants (slow to
       compile, and memory for a second copy): pass large models' weights here.
     eps: radius of the threat model (Linf: in [0, 1]).
-    norm: 'Linf' or 'L2'.
+    norm: 'linf' or 'l2' (any case: the official package's 'Linf' and 'L2' too).
     version: 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'plus' (APGD-CE and APGD-DLR with 5
       restarts, FAB with 5, Square, APGD-T, FAB-T), 'rand' (APGD-CE, APGD-DLR with EOT over
       `eot_iter` draws), 'fast' (APGD-CE, APGD-T), or 'custom' with `attacks_to_run`.
@@ -224,6 +222,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     raise errors.ConfigError(f"attacks_to_run is for version='custom', not {version!r}")
   else:
     names = VERSION_ATTACKS.get(version, ())
+  norm = attacks.norm_name(norm)
   _check_settings(x, y, eps, norm, version, names, batch_size, mesh)
   fn = _WithParams(apply_fn, randomized, params is not None)
   batch_sharding = sharding.batch_sharding(mesh)

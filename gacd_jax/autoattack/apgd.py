@@ -10,6 +10,7 @@ import numpy as np
 
 from gacd_jax import errors
 from gacd_jax import losses
+from gacd_jax import attacks
 from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, dlr_loss, dlr_targeted_loss,
                                         example_keys, expand, normalize, nth_largest, project,
                                         random_start, runs_loop)
@@ -76,7 +77,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
     return values[-1], logits[-1], grad_sum / eot_iter
 
   def direction(grad):
-    return jnp.sign(grad) if norm == "Linf" else normalize(grad, "L2")
+    return jnp.sign(grad) if norm == "linf" else normalize(grad, "l2")
 
   checkpoints = apgd_checkpoints(n_iter)
   is_checkpoint = np.zeros(n_iter, bool)
@@ -134,7 +135,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
 
 
 def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
-         eps: float, norm: Norm = "Linf", loss: str = "ce", n_iter: int = 100,
+         eps: float, norm: Norm = "linf", loss: str = "ce", n_iter: int = 100,
          n_restarts: int = 1, n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75,
          active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """APGD on a batch: step size 2 eps halved at the checkpoints of `apgd_checkpoints`.
@@ -157,6 +158,7 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
     `(x_adv [B, H, W, C], fooled [B])`: the misclassified point where `fooled`, else the
     highest-loss point of the example's last run; always in the eps-ball and in [0, 1].
   """
+  norm = attacks.norm_name(norm)
   if loss not in APGD_LOSSES:
     raise errors.ConfigError(f"unknown APGD loss {loss!r}; use one of {', '.join(APGD_LOSSES)}")
   active = jnp.ones(x.shape[:1], bool) if active is None else active

@@ -1,13 +1,14 @@
 """What the AutoAttack attacks share: the DLR losses, norms and projections, per-example keys, and
 the loop over restarts and targets.
 
-The threat model is Linf or L2 (`Norm`); a model is `model(x, key) -> logits` (see the package
-docstring).
+The threat model is Linf or L2 (`Norm`, spelled 'linf' and 'l2' as everywhere in gacd_jax; the
+public functions also take the AutoAttack package's 'Linf' and 'L2'); a model is
+`model(x, key) -> logits` (see the package docstring).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -15,10 +16,10 @@ import jax.numpy as jnp
 from gacd_jax import attacks
 from gacd_jax import losses
 
-Norm = Literal["Linf", "L2"]
+Norm = attacks.Norm
 Model = Callable[[jax.Array, jax.Array], jax.Array]  # (x [B, H, W, C], key) -> logits [B, K]
 
-NORMS = ("Linf", "L2")
+NORMS = attacks.NORMS
 
 
 def dlr_loss(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -47,7 +48,7 @@ def dlr_targeted_loss(logits: jax.Array, labels: jax.Array, targets: jax.Array) 
 def distance(x_adv: jax.Array, x: jax.Array, norm: Norm) -> jax.Array:
   """Per-example Linf or L2 distance: `[B, ...], [B, ...] -> [B]`."""
   delta = (x_adv - x).reshape(x.shape[0], -1)
-  if norm == "Linf":
+  if attacks.norm_name(norm) == "linf":
     return jnp.max(jnp.abs(delta), axis=-1)
   return jnp.sqrt(jnp.sum(jnp.square(delta), axis=-1))
 
@@ -63,7 +64,7 @@ def normalize(v: jax.Array, norm: Norm) -> jax.Array:
 
 
 def project(x_adv: jax.Array, x: jax.Array, eps, norm: Norm) -> jax.Array:
-  return attacks.project(x_adv, x, eps, "linf" if norm == "Linf" else "l2")
+  return attacks.project(x_adv, x, eps, norm)
 
 
 def example_keys(keys: jax.Array, salt) -> jax.Array:
@@ -109,7 +110,7 @@ def random_start(keys: jax.Array, x: jax.Array, radius, norm: Norm) -> jax.Array
   """A random point at distance `radius` from x before clipping to [0, 1]: uniform noise scaled
   to that Linf norm, or a Gaussian direction of that L2 norm (APGD and FAB's restarts)."""
   shape = x.shape[1:]
-  if norm == "Linf":
+  if norm == "linf":
     noise = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
   else:
     noise = jax.vmap(lambda k: jax.random.normal(k, shape, x.dtype))(keys)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from gacd_jax import attacks
 from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, distance, example_keys,
                                         expand, nth_largest, random_start, runs_loop)
 
@@ -34,11 +35,12 @@ def project_onto_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array, norm: Norm
   Where the box does not reach the hyperplane, d goes to the box corner nearest to it.
   t, w: `[N, D]`; b: `[N]`. Returns d `[N, D]`.
   """
+  norm = attacks.norm_name(norm)
   gap = jnp.sum(w * t, axis=-1) - b
   side = jnp.where(gap >= 0, 1.0, -1.0)
   w, gap = w * side[:, None], gap * side  # now w . d must be -gap <= 0: move against w
   room = jnp.where(w < 0, 1.0 - t, t)     # how far each coordinate can move against w
-  if norm == "Linf":
+  if norm == "linf":
     # The Linf ball of radius lam: d_i = -sign(w_i) min(lam, room_i).
     lam = _water_level(jnp.abs(w), room, gap)
     return jnp.where(w != 0, -jnp.sign(w) * jnp.minimum(lam[:, None], room), 0.0)
@@ -83,7 +85,7 @@ def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_sta
   def body(i, s):
     x1, x_min, dist_min = s
     df, dg = linearisation(x1, jax.random.fold_in(model_key, 2 * i))
-    dual = (jnp.sum(jnp.abs(dg), -1) if norm == "Linf"
+    dual = (jnp.sum(jnp.abs(dg), -1) if norm == "linf"
             else jnp.sqrt(jnp.sum(jnp.square(dg), -1)))
     nearest = jnp.argmin(jnp.abs(df) / (dual + 1e-12), axis=-1)  # the closest linearised boundary
     w = dg[rows, nearest]
@@ -113,7 +115,7 @@ def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_sta
 
 
 def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
-        eps: float, norm: Norm = "Linf", targeted: bool = True, n_iter: int = 100,
+        eps: float, norm: Norm = "linf", targeted: bool = True, n_iter: int = 100,
         n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
         beta: float = 0.9, active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """FAB (FAB-T with `targeted`) on a batch: a minimal-norm attack; success needs norm <= eps.
@@ -127,6 +129,7 @@ def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: ja
     example took part in (x itself if none), in [0, 1] but possibly outside the eps-ball;
     `fooled` where it is misclassified and within eps.
   """
+  norm = attacks.norm_name(norm)
   active = jnp.ones(x.shape[:1], bool) if active is None else active
   n_runs = n_restarts * (n_target_classes if targeted else 1)
   clean_key, runs_key = jax.random.split(model_key)

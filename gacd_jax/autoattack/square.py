@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gacd_jax import losses
+from gacd_jax import attacks
 from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, distance, example_keys,
                                         expand, normalize, project)
 
@@ -98,7 +99,7 @@ def _square_l2_start(keys: jax.Array, x: jax.Array, eps) -> jax.Array:
   grid = grid[:, :height - offset, :width - offset]
   delta = jnp.pad(grid, ((0, 0), (offset, height - offset - grid.shape[1]),
                          (offset, width - offset - grid.shape[2]), (0, 0)))
-  return jnp.clip(x + eps * normalize(delta, "L2"), 0.0, 1.0)
+  return jnp.clip(x + eps * normalize(delta, "l2"), 0.0, 1.0)
 
 
 def _square_linf_candidate(key, x, x_best, eps, size):
@@ -112,7 +113,7 @@ def _square_linf_candidate(key, x, x_best, eps, size):
 
   pos, signs = jax.vmap(draw)(key)
   window = _window_mask(pos[:, 0], pos[:, 1], size, height, width)
-  return project(x_best + window * 2 * eps * signs[:, None, None, :], x, eps, "Linf")
+  return project(x_best + window * 2 * eps * signs[:, None, None, :], x, eps, "linf")
 
 
 def _square_l2_candidate(key, x, x_best, eps, size):
@@ -137,18 +138,18 @@ def _square_l2_candidate(key, x, x_best, eps, size):
   def channel_norm(v):  # [B, 1, 1, C]
     return jnp.sqrt(jnp.sum(jnp.square(v), axis=(1, 2), keepdims=True))
 
-  image_norm = expand(distance(x_best, x, "L2"), 4)
+  image_norm = expand(distance(x_best, x, "l2"), 4)
   union_norm = channel_norm(jnp.where(first | second, delta, 0.0))
   old = jnp.where(first, delta, 0.0)
   new = placed[..., None] * signs[:, None, None, :] + old / (1e-12 + channel_norm(old))
   budget = jnp.sqrt(jnp.maximum(eps ** 2 - image_norm ** 2, 0.0) / channels + union_norm ** 2)
   new = new / (1e-12 + channel_norm(new)) * budget
   delta = jnp.where(first, new, jnp.where(second, 0.0, delta))
-  return jnp.clip(x + eps * normalize(delta, "L2"), 0.0, 1.0)
+  return jnp.clip(x + eps * normalize(delta, "l2"), 0.0, 1.0)
 
 
 def square(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
-           eps: float, norm: Norm = "Linf", n_queries: int = 5000, p_init: float = 0.8,
+           eps: float, norm: Norm = "linf", n_queries: int = 5000, p_init: float = 0.8,
            active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
   """Square Attack on a batch: random search on the margin loss z_y - max_{i != y} z_i.
 
@@ -159,9 +160,10 @@ def square(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key:
   Returns:
     `(x_adv [B, H, W, C], fooled [B])`, x_adv always in the eps-ball and in [0, 1].
   """
+  norm = attacks.norm_name(norm)
   active = jnp.ones(x.shape[:1], bool) if active is None else active
   _, height, width, channels = x.shape
-  if norm == "Linf":
+  if norm == "linf":
     stripes = jax.vmap(lambda k: jax.random.rademacher(k, (1, width, channels), x.dtype))(keys)
     x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
   else:
@@ -170,7 +172,7 @@ def square(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key:
 
   for start, end, p in square_schedule(n_queries, p_init):
     size = int(round(np.sqrt(p * height * width)))
-    if norm == "Linf":
+    if norm == "linf":
       size = min(max(size, 1), height, width)
       candidate = functools.partial(_square_linf_candidate, eps=eps, size=size)
     else:
