@@ -21,6 +21,8 @@ Norm = Literal["linf", "l2"]
 Start = Literal["uniform", "gaussian", "none"]
 StepRule = Literal["sign", "l2"]
 
+# The package's spelling of the threat models; `norm_name` also takes any other case ('Linf',
+# 'L2', as the AutoAttack package writes them).
 NORMS = ("linf", "l2")
 STARTS = ("uniform", "gaussian", "none")
 STEP_RULES = ("sign", "l2")
@@ -39,6 +41,13 @@ def _check_choice(value: str, choices: tuple[str, ...], name: str) -> None:
     raise errors.ConfigError(f"unknown {name} {value!r}; use one of {', '.join(choices)}")
 
 
+def norm_name(norm: str) -> Norm:
+  """`norm` in the package's spelling: 'linf' or 'l2', from any case ('Linf', 'L2', 'LINF')."""
+  name = norm.lower() if isinstance(norm, str) else norm
+  _check_choice(name, NORMS, "norm")
+  return name
+
+
 def _per_example_l2(v: jax.Array) -> jax.Array:
   """L2 norm of each example, shaped to broadcast against `v`."""
   norm = jnp.sqrt(jnp.sum(jnp.square(v), axis=tuple(range(1, v.ndim)), keepdims=True))
@@ -48,7 +57,7 @@ def _per_example_l2(v: jax.Array) -> jax.Array:
 def project(x_adv: jax.Array, x: jax.Array, eps: float, norm: Norm) -> jax.Array:
   """Project `x_adv` onto the eps-ball around `x` intersected with [0, 1]."""
   delta = x_adv - x
-  if norm == "linf":
+  if norm_name(norm) == "linf":
     delta = jnp.clip(delta, -eps, eps)
   else:
     delta = delta * jnp.minimum(1.0, eps / (_per_example_l2(delta) + 1e-12))
@@ -87,19 +96,19 @@ def pgd(objective: Objective, x: jax.Array, rng: jax.Array | None = None, *, eps
     eps: radius of the threat model ball, in [0, 1] (a float, or a scalar array).
     step_size: size of each step (Linf: per pixel; L2: per example).
     steps: number of gradient steps; 0 returns the start point.
-    norm: threat model, 'linf' or 'l2'.
+    norm: threat model, 'linf' or 'l2' (any case).
     start: 'uniform' in the ball, 'gaussian' (x + gaussian_std * N(0, 1), as TRADES and RSLAD), or
       'none' (the clean input).
     step_rule: 'sign' or 'l2' (normalised gradient); defaults to the one matching `norm`.
-    unroll: passed to `lax.fori_loop`. Fully unrolled PGD-10 measured ~3x faster than a rolled loop
-      on a 2-core CPU for ResNet-18; a rolled loop compiles faster for long evaluation attacks.
+    unroll: passed to `lax.fori_loop`. Unrolled runs faster (training's short attacks; the
+      README's benchmark section); a rolled loop compiles faster (long evaluation attacks).
 
   Returns:
     `x_adv`, same shape as `x`, in the eps-ball around `x` and in [0, 1], behind `stop_gradient`.
   """
   if not isinstance(eps, jax.Array):  # a traced eps (e.g. an eps sweep in one jit) is the caller's
     check_eps(eps)
-  _check_choice(norm, NORMS, "norm")
+  norm = norm_name(norm)
   _check_choice(start, STARTS, "start")
   step_rule = step_rule or ("sign" if norm == "linf" else "l2")
   _check_choice(step_rule, STEP_RULES, "step rule")

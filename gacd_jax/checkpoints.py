@@ -271,17 +271,20 @@ def shape_mismatches(expected: Any, actual: Any) -> list[str]:
   return problems
 
 
-def load_model(workdir: str | os.PathLike) -> tuple[Any, dict]:
+def load_model(workdir: str | os.PathLike, *,
+               store_conv_inputs: bool | None = None) -> tuple[Any, dict]:
   """The trained model of a run: `(module, variables)`.
 
   `module.apply(variables, x, train=False)` gives `(logits, features)` for `x` `[B, H, W, C]` in
-  [0, 1]. Raises `CheckpointError` if the directory is not a run, has no checkpoint, or its
-  parameters do not fit the architecture its config names.
+  [0, 1]. `store_conv_inputs` is `models.build`'s (None: decided for the current backend). Raises
+  `CheckpointError` if the directory is not a run, has no checkpoint, or its parameters do not
+  fit the architecture its config names.
   """
   from gacd_jax import config as config_lib, models  # pylint: disable=g-import-not-at-top
   cfg = read_config(workdir)
   info = read_run_info(workdir)
-  module = models.build(cfg.model.name, info["num_classes"], **config_lib.model_kwargs(cfg.model))
+  module = models.build(cfg.model.name, info["num_classes"], store_conv_inputs=store_conv_inputs,
+                        **config_lib.model_kwargs(cfg.model))
   _, raw = restore(workdir)
   try:
     variables = {"params": raw["params"]["student"], "batch_stats": raw.get("batch_stats", {})}

@@ -141,7 +141,8 @@ def validate(c: ConfigDict) -> None:
     attacks.check_eps(c[section][name], f"config.{key}")
   for eps in c.eval.eps_curve:
     attacks.check_eps(eps, "an entry of config.eval.eps_curve")
-  _choice(c.attack.norm, attacks.NORMS, "attack.norm")
+  _choice(c.attack.norm.lower() if isinstance(c.attack.norm, str) else c.attack.norm,
+          attacks.NORMS, "attack.norm")
   _choice(c.eval.suite, EVAL_SUITES, "eval.suite")
   _choice(c.eval.split, ("test", "validation"), "eval.split")
   if c.eval.split == "validation" and not data.has_validation(c.data.name):

@@ -23,6 +23,7 @@ from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import report
+from gacd_jax import runtime
 from gacd_jax import sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
@@ -57,9 +58,8 @@ def attack_fn(name: str, settings: EvalSettings) -> AttackFn:
   if name == "clean":
     return lambda f, x, y, rng, eps: x
   if name == "fgsm":
-    return lambda f, x, y, rng, eps: attacks.pgd(
-        attacks.cross_entropy_objective(f, y), x, None, eps=eps, step_size=eps, steps=1,
-        start="none")
+    return lambda f, x, y, rng, eps: attacks.fgsm(attacks.cross_entropy_objective(f, y), x,
+                                                  eps=eps)
   if name == "pgd20":
     return lambda f, x, y, rng, eps: attacks.pgd(
         attacks.cross_entropy_objective(f, y), x, rng, eps=eps,
@@ -178,7 +178,7 @@ def run_autoattack(apply_fn: ApplyFn, variables: Any, source: data.Source, confi
         "host's devices), or call gacd_jax.autoattack.evaluate on each host's share")
   x, y = test_arrays(source, config.eval.max_examples)
   return autoattack.evaluate(
-      apply_fn, x, y, params=variables, eps=config.eval.eps, norm="Linf",
+      apply_fn, x, y, params=variables, eps=config.eval.eps, norm="linf",
       version=config.eval.suite, batch_size=config.eval.batch_size, seed=config.seed,
       n_iter=config.eval.autoattack_n_iter, n_queries=config.eval.autoattack_n_queries,
       progress=progress)
@@ -197,7 +197,8 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   `config.eval.eps_curve` under 'eps_curve').
   """
   config_lib.validate(config)
-  module, variables = checkpoints.load_model(workdir)
+  module, variables = checkpoints.load_model(
+      workdir, store_conv_inputs=runtime.store_conv_inputs(jax.default_backend()))
   source = test_source(config)
   settings = EvalSettings.from_config(config.eval)
   workdir = pathlib.Path(workdir)

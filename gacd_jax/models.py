@@ -36,6 +36,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gacd_jax import runtime
 from gacd_jax.errors import ConfigError
 
 Dtype = Any
@@ -44,22 +45,16 @@ Dtype = Any
 _CONV_INIT = nn.initializers.variance_scaling(2.0, 'fan_out', 'normal')
 
 
-def materialize_conv_inputs() -> bool:
-  """Whether convolutions pass their input through `_materialized` (on the CPU backend only)."""
-  return jax.default_backend() == 'cpu'
-
-
-def _materialized(x: jax.Array, kernel: jax.Array) -> jax.Array:
-  """`x`, as a buffer of its own that XLA cannot fuse its producers through.
+def _stored(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """`x`, as a buffer of its own that XLA cannot fuse its producers through (see `Conv`).
 
   XLA CPU's weight-gradient convolution reads its input transposed (batch minor); XLA fuses the
   input's producers (BatchNorm, ReLU, the residual sums of earlier blocks) into that transpose,
-  recomputing them in a cache-hostile order: 4-20x slower than transposing a stored buffer, a
-  quarter of a ResNet-18 train step. `lax.optimization_barrier` does not stop it (XLA CPU removes
-  barriers before fusion); the output of a conditional is a stored buffer. Both branches return
-  `x`; the predicate comes from the (replicated) kernel, so a sharded batch needs no
-  communication. Under `vmap` with a batched predicate the conditional becomes a select, which
-  is still `x`.
+  recomputing them in a cache-hostile order (the README's benchmark section measures it).
+  `lax.optimization_barrier` does not stop it (XLA CPU removes barriers before fusion); the output
+  of a conditional is a stored buffer. Both branches return `x`; the predicate comes from the
+  (replicated) kernel, so a sharded batch needs no communication. Under `vmap` with a batched
+  predicate the conditional becomes a select, which is still `x`.
   """
   keep = jnp.isfinite(kernel.reshape(-1)[0])
   return jax.lax.cond(keep, lambda v: v, lambda v: v * 1, x)
@@ -67,20 +62,26 @@ def _materialized(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 class Conv(nn.Module):
   """A bias-free square convolution padded like PyTorch's `padding=kernel // 2`, with variables
-  laid out as `nn.Conv`'s (`kernel [k, k, in / groups, out]`)."""
+  laid out as `nn.Conv`'s (`kernel [k, k, in / groups, out]`).
+
+  `store_input` passes the input through `_stored` first: a backend tuning for XLA CPU (faster
+  weight gradients), with the same outputs and gradients. `build` sets it from
+  `gacd_jax.runtime.store_conv_inputs`.
+  """
   features: int
   kernel_size: int
   stride: int = 1
   groups: int = 1
   dtype: Dtype = jnp.float32
+  store_input: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     kernel = self.param('kernel', _CONV_INIT, (self.kernel_size, self.kernel_size,
                                                x.shape[-1] // self.groups, self.features),
                         jnp.float32)
-    if materialize_conv_inputs():
-      x = _materialized(x, kernel)
+    if self.store_input:
+      x = _stored(x, kernel)
     pad = self.kernel_size // 2
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
@@ -88,9 +89,10 @@ class Conv(nn.Module):
         feature_group_count=self.groups)
 
 
-def _conv(features: int, kernel: int, stride: int, dtype: Dtype, name: str,
+def _conv(module: nn.Module, features: int, kernel: int, stride: int, name: str,
           groups: int = 1) -> Conv:
-  return Conv(features, kernel, stride, groups, dtype, name=name)
+  """A `Conv` in `module`, with the module's compute dtype and `store_conv_inputs`."""
+  return Conv(features, kernel, stride, groups, module.dtype, module.store_conv_inputs, name=name)
 
 
 class BatchNorm(nn.BatchNorm):
@@ -138,12 +140,13 @@ class SmallCNN(nn.Module):
   num_classes: int
   width: int = 16
   dtype: Dtype = jnp.float32
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(self.width, 3, 1, self.dtype, 'conv1')(x)))
-    x = nn.relu(_bn(train, self.dtype, 'bn2')(_conv(2 * self.width, 3, 2, self.dtype, 'conv2')(x)))
-    x = nn.relu(_bn(train, self.dtype, 'bn3')(_conv(4 * self.width, 3, 2, self.dtype, 'conv3')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(self, self.width, 3, 1, 'conv1')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn2')(_conv(self, 2 * self.width, 3, 2, 'conv2')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn3')(_conv(self, 4 * self.width, 3, 2, 'conv3')(x)))
     features = _global_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(features)
     return logits, features
@@ -154,16 +157,17 @@ class _BasicBlock(nn.Module):
   planes: int
   stride: int
   dtype: Dtype
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out = nn.relu(_bn(train, self.dtype, 'bn1')(
-        _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(x)))
-    out = _bn(train, self.dtype, 'bn2')(_conv(self.planes, 3, 1, self.dtype, 'conv2')(out))
+        _conv(self, self.planes, 3, self.stride, 'conv1')(x)))
+    out = _bn(train, self.dtype, 'bn2')(_conv(self, self.planes, 3, 1, 'conv2')(out))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.planes:
       shortcut = _bn(train, self.dtype, 'shortcut_bn')(
-          _conv(self.planes, 1, self.stride, self.dtype, 'shortcut_conv')(x))
+          _conv(self, self.planes, 1, self.stride, 'shortcut_conv')(x))
     return nn.relu(out + shortcut)
 
 
@@ -178,14 +182,15 @@ class ResNet18(nn.Module):
   """
   num_classes: int
   dtype: Dtype = jnp.float32
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(64, 3, 1, self.dtype, 'conv1')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(self, 64, 3, 1, 'conv1')(x)))
     for stage, (planes, stride) in enumerate(_RESNET18_STAGES, start=1):
       for i in range(2):
-        x = _BasicBlock(planes, stride if i == 0 else 1, self.dtype, name=f'layer{stage}_{i}')(
-            x, train)
+        x = _BasicBlock(planes, stride if i == 0 else 1, self.dtype, self.store_conv_inputs,
+                        name=f'layer{stage}_{i}')(x, train)
     features = _global_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(features)
     return logits, features
@@ -196,16 +201,17 @@ class _PreActBlock(nn.Module):
   planes: int
   stride: int
   dtype: Dtype
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out = nn.relu(_bn(train, self.dtype, 'bn1')(x))
     shortcut = x
     if self.stride != 1 or x.shape[-1] != self.planes:
-      shortcut = _conv(self.planes, 1, self.stride, self.dtype, 'shortcut_conv')(out)
-    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(out)
+      shortcut = _conv(self, self.planes, 1, self.stride, 'shortcut_conv')(out)
+    out = _conv(self, self.planes, 3, self.stride, 'conv1')(out)
     out = nn.relu(_bn(train, self.dtype, 'bn2')(out))
-    out = _conv(self.planes, 3, 1, self.dtype, 'conv2')(out)
+    out = _conv(self, self.planes, 3, 1, 'conv2')(out)
     return out + shortcut
 
 
@@ -217,14 +223,15 @@ class PreActResNet18(nn.Module):
   """
   num_classes: int
   dtype: Dtype = jnp.float32
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = _conv(64, 3, 1, self.dtype, 'conv1')(x)
+    x = _conv(self, 64, 3, 1, 'conv1')(x)
     for stage, (planes, stride) in enumerate(_RESNET18_STAGES, start=1):
       for i in range(2):
-        x = _PreActBlock(planes, stride if i == 0 else 1, self.dtype, name=f'layer{stage}_{i}')(
-            x, train)
+        x = _PreActBlock(planes, stride if i == 0 else 1, self.dtype, self.store_conv_inputs,
+                         name=f'layer{stage}_{i}')(x, train)
     x = nn.relu(_bn(train, self.dtype, 'bn')(x))
     features = _global_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(features)
@@ -240,16 +247,16 @@ class _WideBlock(nn.Module):
   planes: int
   stride: int
   dtype: Dtype
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     out = nn.relu(_bn(train, self.dtype, 'bn1')(x))
     equal_in_out = x.shape[-1] == self.planes
-    shortcut = x if equal_in_out else _conv(
-        self.planes, 1, self.stride, self.dtype, 'convShortcut')(out)
-    out = _conv(self.planes, 3, self.stride, self.dtype, 'conv1')(out)
+    shortcut = x if equal_in_out else _conv(self, self.planes, 1, self.stride, 'convShortcut')(out)
+    out = _conv(self, self.planes, 3, self.stride, 'conv1')(out)
     out = nn.relu(_bn(train, self.dtype, 'bn2')(out))
-    out = _conv(self.planes, 3, 1, self.dtype, 'conv2')(out)
+    out = _conv(self, self.planes, 3, 1, 'conv2')(out)
     return out + shortcut
 
 
@@ -259,12 +266,13 @@ class _NetworkBlock(nn.Module):
   planes: int
   stride: int
   dtype: Dtype
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     for i in range(self.num_layers):
-      x = _WideBlock(self.planes, self.stride if i == 0 else 1, self.dtype, name=f'layer_{i}')(
-          x, train)
+      x = _WideBlock(self.planes, self.stride if i == 0 else 1, self.dtype,
+                     self.store_conv_inputs, name=f'layer_{i}')(x, train)
     return x
 
 
@@ -278,6 +286,7 @@ class WideResNet(nn.Module):
   depth: int = 34
   widen_factor: int = 10
   dtype: Dtype = jnp.float32
+  store_conv_inputs: bool = False
 
   def __post_init__(self):
     # Checked at construction so a bad config fails before any tracing.
@@ -290,10 +299,10 @@ class WideResNet(nn.Module):
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
     num_layers = (self.depth - 4) // 6
-    x = _conv(16, 3, 1, self.dtype, 'conv1')(x)
+    x = _conv(self, 16, 3, 1, 'conv1')(x)
     for stage, (width, stride) in enumerate(((16, 1), (32, 2), (64, 2)), start=1):
       x = _NetworkBlock(num_layers, width * self.widen_factor, stride, self.dtype,
-                        name=f'block{stage}')(x, train)
+                        self.store_conv_inputs, name=f'block{stage}')(x, train)
     x = nn.relu(_bn(train, self.dtype, 'bn1')(x))
     features = _global_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='fc')(features)
@@ -309,20 +318,21 @@ class _InvertedResidual(nn.Module):
   expansion: int
   stride: int
   dtype: Dtype
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool) -> jax.Array:
     planes = self.expansion * x.shape[-1]
-    out = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(planes, 1, 1, self.dtype, 'conv1')(x)))
+    out = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(self, planes, 1, 1, 'conv1')(x)))
     out = nn.relu(_bn(train, self.dtype, 'bn2')(
-        _conv(planes, 3, self.stride, self.dtype, 'conv2', groups=planes)(out)))
-    out = _bn(train, self.dtype, 'bn3')(_conv(self.out_planes, 1, 1, self.dtype, 'conv3')(out))
+        _conv(self, planes, 3, self.stride, 'conv2', groups=planes)(out)))
+    out = _bn(train, self.dtype, 'bn3')(_conv(self, self.out_planes, 1, 1, 'conv3')(out))
     if self.stride != 1:
       return out
     shortcut = x
     if x.shape[-1] != self.out_planes:
       shortcut = _bn(train, self.dtype, 'shortcut_bn')(
-          _conv(self.out_planes, 1, 1, self.dtype, 'shortcut_conv')(x))
+          _conv(self, self.out_planes, 1, 1, 'shortcut_conv')(x))
     return out + shortcut
 
 
@@ -337,17 +347,18 @@ class MobileNetV2(nn.Module):
   blocks `layers_<i>`, 1x1 conv to 1280, global mean pool, linear. Features: [B, 1280]."""
   num_classes: int
   dtype: Dtype = jnp.float32
+  store_conv_inputs: bool = False
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> tuple[jax.Array, jax.Array]:
-    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(32, 3, 1, self.dtype, 'conv1')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn1')(_conv(self, 32, 3, 1, 'conv1')(x)))
     i = 0
     for expansion, out_planes, num_blocks, stride in _MOBILENET_V2_CFG:
       for j in range(num_blocks):
         x = _InvertedResidual(out_planes, expansion, stride if j == 0 else 1, self.dtype,
-                              name=f'layers_{i}')(x, train)
+                              self.store_conv_inputs, name=f'layers_{i}')(x, train)
         i += 1
-    x = nn.relu(_bn(train, self.dtype, 'bn2')(_conv(1280, 1, 1, self.dtype, 'conv2')(x)))
+    x = nn.relu(_bn(train, self.dtype, 'bn2')(_conv(self, 1280, 1, 1, 'conv2')(x)))
     features = _global_pool(x)
     logits = nn.Dense(self.num_classes, dtype=self.dtype, name='linear')(features)
     return logits, features
@@ -363,8 +374,9 @@ _REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
     'mobilenet_v2': (MobileNetV2, {}),
 }
 
-# Dataclass fields every Linen module has that are not hyperparameters.
-_NOT_OPTIONS = frozenset({'parent', 'name', 'num_classes'})
+# Dataclass fields that are not hyperparameters: every Linen module's, and the backend tuning
+# `build` sets itself.
+_NOT_OPTIONS = frozenset({'parent', 'name', 'num_classes', 'store_conv_inputs'})
 
 
 def names() -> list[str]:
@@ -381,12 +393,17 @@ def options(name: str) -> list[str]:
                 if f.init and f.name not in _NOT_OPTIONS and f.name not in pinned)
 
 
-def build(name: str, num_classes: int, **kw: Any) -> nn.Module:
+def build(name: str, num_classes: int, *, store_conv_inputs: bool | None = None,
+          **kw: Any) -> nn.Module:
   """Builds the model registered as `name` with a `num_classes`-way linear head.
 
   Args:
     name: one of `names()`.
     num_classes: number of logits, >= 1.
+    store_conv_inputs: pass every convolution's input through a stored buffer (`Conv`), a
+      backend tuning that changes no output or gradient. None (the default) decides by
+      `runtime.store_conv_inputs` for the backend JAX runs on now (`jax.default_backend()`):
+      on for the CPU, off for GPU and TPU. The launchers (train, evaluate) pass it explicitly.
     **kw: model options (see `options(name)`), e.g. `width` for small_cnn, `depth` and
       `widen_factor` for wrn, `dtype` (compute dtype; parameters stay float32) for all.
 
@@ -400,8 +417,10 @@ def build(name: str, num_classes: int, **kw: Any) -> nn.Module:
                         f'{", ".join(allowed) or "(none)"}.')
   if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
     raise ConfigError(f'num_classes must be a positive integer, got {num_classes!r}.')
+  if store_conv_inputs is None:
+    store_conv_inputs = runtime.store_conv_inputs(jax.default_backend())
   cls, pinned = _REGISTRY[name]
-  return cls(num_classes=num_classes, **pinned, **kw)
+  return cls(num_classes=num_classes, **pinned, **kw, store_conv_inputs=store_conv_inputs)
 
 
 def feature_dim(module: nn.Module, image_shape: tuple[int, int, int]) -> int:

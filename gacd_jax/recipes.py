@@ -38,6 +38,10 @@ What changes elsewhere, as in the same code:
     weight 1 is reconstructed either way).
   * STL-10 (5,000 labelled images) uses the CIFAR-10 recipe of the method: no paper publishes its
     own.
+  * A method added with `gacd_jax.methods.register` has no published recipe: it gets
+    `FALLBACK_RECIPE`, the schedule PGD-AT, ARD, IAD and GACD share (200 epochs, x0.1 at 100 and
+    150, lr 0.1, wd 2e-4, batch 128, 'batchmean'), and a log line says so. Override any of it on
+    the command line (`--config.train.epochs=...`).
 
 A config argument is a comma-separated list of tokens in any order, e.g.
 `ard,mobilenet_v2,runlocal`:
@@ -51,6 +55,7 @@ A config argument is a comma-separated list of tokens in any order, e.g.
 
 from typing import NamedTuple, Optional
 
+from absl import logging
 from ml_collections import ConfigDict
 
 from gacd_jax import config as config_lib
@@ -82,6 +87,9 @@ RECIPES = {
     "crdnd": Recipe(300, (215, 260, 285), 0.1, 2e-4, 128, "mean"),
 }
 
+# The recipe of a registered method that `RECIPES` does not know (see the module docstring).
+FALLBACK_RECIPE = RECIPES["pgd_at"]
+
 TEACHER_MODEL = "wrn34_10"
 # Methods a 'teacher' variant may train: those that need no teacher themselves.
 TEACHER_METHODS = ("trades", "pgd_at", "natural")
@@ -90,7 +98,15 @@ _RSLAD_CIFAR100_SCALE = 10.0
 
 
 def recipe(method: str, dataset: str, model: str) -> Recipe:
-  """The recipe of `method` for a `model` student on `dataset` (see the module docstring)."""
+  """The recipe of `method` for a `model` student on `dataset` (see the module docstring);
+  `FALLBACK_RECIPE` for a registered method without a published one."""
+  if method not in RECIPES:
+    if method not in methods.names():
+      raise errors.ConfigError(f"unknown method {method!r}; known methods: "
+                               f"{', '.join(methods.names())}")
+    logging.info("method %r has no published recipe in gacd_jax.recipes; training it with "
+                 "FALLBACK_RECIPE %s", method, FALLBACK_RECIPE)
+    return FALLBACK_RECIPE
   r = RECIPES[method]
   if dataset == "cifar100":
     if method == "ard":

@@ -1,13 +1,13 @@
 """Process-wide settings the command line applies at start-up (a library import changes nothing).
 
 - XLA CPU flags: jaxlib 0.10 routes every convolution to YNNPACK by default, whose weight gradient
-  is slow on this project's 2-core CPU; `-individual_convolution` keeps convolutions in XLA's own
-  (Eigen) emitter, with identical logits. Measured on a quiet machine, ResNet-18 natural train
-  step at batch 128 with 2 threads: 19.2 img/s with jaxlib's defaults, 29.0 with the flag. The flag
-  only concerns the CPU backend (a GPU or TPU run ignores it) and is set only when the user has
-  not set `XLA_FLAGS` themselves.
+  is slow on CPUs (the README's benchmark section); `-individual_convolution` keeps convolutions
+  in XLA's own (Eigen) emitter, with identical logits. The flag only concerns the CPU backend (a
+  GPU or TPU run ignores it) and is set only when the user has not set `XLA_FLAGS` themselves.
 - The persistent compilation cache: the second run of the same command reuses the compiled step
   instead of compiling again (tens of seconds for a ResNet step on a CPU).
+
+And the one backend decision the launchers pass to the models, `store_conv_inputs`.
 """
 
 import os
@@ -16,6 +16,18 @@ from typing import MutableMapping, Optional
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 CACHE_ENV = "GACD_JAX_COMPILATION_CACHE"
+
+
+def store_conv_inputs(backend: str) -> bool:
+  """Whether the models' convolutions store their inputs (`gacd_jax.models.Conv.store_input`) on
+  `backend` ('cpu', 'gpu', 'tpu', as `jax.default_backend()` names it).
+
+  Only XLA CPU gains: it fuses a convolution input's producers into the transpose its weight
+  gradient reads, recomputing them slowly; a stored input stops that (the README's benchmark
+  section measures it). GPU and TPU compilers need no help. Outputs and gradients are the same
+  either way.
+  """
+  return backend == "cpu"
 
 
 def set_xla_flags(environ: MutableMapping[str, str] = os.environ) -> bool:

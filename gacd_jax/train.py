@@ -33,6 +33,7 @@ from gacd_jax import errors
 from gacd_jax import losses
 from gacd_jax import methods
 from gacd_jax import models
+from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax.methods import Context, InitInfo, Method
 
@@ -100,7 +101,7 @@ class AttackSettings:
   def resolve(cls, attack_config: ConfigDict, method: Method,
               steps_per_epoch: int = 0) -> "AttackSettings":
     return cls(eps=attack_config.eps, step_size=attack_config.step_size,
-               steps=attack_config.steps, norm=attack_config.norm,
+               steps=attack_config.steps, norm=attacks.norm_name(attack_config.norm),
                start=method.attack_start if attack_config.start == "method" else
                attack_config.start,
                bn_mode=method.attack_bn if attack_config.bn_mode == "method" else
@@ -333,8 +334,7 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
           f"{workdir} holds a run with a different config (differs in: {', '.join(diffs[:10])}); "
           "use another --workdir, or pass --overwrite to replace that run")
     if diffs:
-      for name in (checkpoints.CHECKPOINT_DIR,):
-        shutil.rmtree(workdir / name, ignore_errors=True)
+      shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
       for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval*.json", "report*.md"):
         for path in workdir.glob(pattern):
           path.unlink()
@@ -430,10 +430,13 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   method = methods.build(config.method)
   dtype = config_lib.compute_dtype(config)
+  store_conv_inputs = runtime.store_conv_inputs(jax.default_backend())
   model = models.build(config.model.name, source.num_classes, dtype=dtype,
+                       store_conv_inputs=store_conv_inputs,
                        **config_lib.model_kwargs(config.model))
   teacher = load_teacher(config, source.image_shape) if method.uses_teacher else None
-  teacher_model = teacher.model.clone(dtype=dtype) if teacher else None
+  teacher_model = (teacher.model.clone(dtype=dtype, store_conv_inputs=store_conv_inputs)
+                   if teacher else None)
 
   with checkpoints.writer_lock(workdir):
     prepare_workdir(workdir, config, overwrite)

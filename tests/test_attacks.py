@@ -97,3 +97,22 @@ def test_unknown_start_is_a_config_error(linear_model):
   with pytest.raises(errors.ConfigError, match="uniform"):
     attacks.pgd(attacks.cross_entropy_objective(f, y), x, eps=0.1, step_size=0.1, steps=1,
                 start="zeros")
+
+
+def test_one_norm_spelling_and_the_autoattack_one_accepted(linear_model):
+  """'linf' / 'l2' everywhere in gacd_jax; AutoAttack's 'Linf' / 'L2' (any case) mean the same."""
+  from gacd_jax import autoattack  # pylint: disable=g-import-not-at-top
+  f, x, y = linear_model
+  assert attacks.NORMS == autoattack.NORMS == ("linf", "l2")
+  names = [attacks.norm_name(n) for n in ("Linf", "L2", "LINF", "l2")]
+  assert names == ["linf", "l2", "linf", "l2"]
+  objective = attacks.cross_entropy_objective(f, y)
+  for ours, theirs in (("linf", "Linf"), ("l2", "L2")):
+    np.testing.assert_array_equal(
+        attacks.pgd(objective, x, jax.random.key(0), eps=0.1, step_size=0.05, steps=2, norm=ours),
+        attacks.pgd(objective, x, jax.random.key(0), eps=0.1, step_size=0.05, steps=2,
+                    norm=theirs))
+    np.testing.assert_array_equal(autoattack.distance(x + 0.05, x, ours),
+                                  autoattack.distance(x + 0.05, x, theirs))
+  with pytest.raises(errors.ConfigError, match="unknown norm 'l1'"):
+    attacks.norm_name("l1")

@@ -57,26 +57,36 @@ def test_bf16_precision_runs_the_student_in_bf16_and_keeps_fp32_parameters():
     assert leaf.dtype in (jnp.float32, jnp.int32), leaf.dtype
 
 
-def test_cpu_convolutions_store_their_inputs_and_compute_the_same(monkeypatch):
-  """On the CPU backend every convolution's input passes through a conditional (a stored buffer
-  XLA cannot fuse through, `models._materialized`); the loss and the gradients do not change."""
+def test_only_the_cpu_backend_stores_convolution_inputs():
+  assert runtime.store_conv_inputs("cpu")
+  assert not runtime.store_conv_inputs("gpu")
+  assert not runtime.store_conv_inputs("tpu")
+
+
+def test_cpu_convolutions_store_their_inputs_and_compute_the_same():
+  """With `store_conv_inputs` (what `models.build` and the launchers choose on the CPU backend)
+  every convolution's input passes through a conditional (a stored buffer XLA cannot fuse
+  through, `models._stored`); the loss and the gradients do not change."""
   from gacd_jax import losses, models  # pylint: disable=g-import-not-at-top
+  assert jax.default_backend() == "cpu"
   module = models.build("small_cnn", 10, width=4)
+  assert module.store_conv_inputs  # the default follows runtime.store_conv_inputs('cpu')
+  assert "store_conv_inputs" not in models.options("small_cnn")  # not a config hyperparameter
+  plain_module = models.build("small_cnn", 10, width=4, store_conv_inputs=False)
   x = jax.random.uniform(jax.random.key(0), (8, 8, 8, 3))
   y = jnp.arange(8) % 10
   variables = module.init(jax.random.key(1), x, train=False)
 
-  def loss(params, x):
-    logits, _ = module.apply({**variables, "params": params}, x, train=False)
-    return losses.cross_entropy(logits, y).mean()
+  def loss_of(m):
+    def loss(params, x):
+      logits, _ = m.apply({**variables, "params": params}, x, train=False)
+      return losses.cross_entropy(logits, y).mean()
+    return loss
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1)))
-  assert models.materialize_conv_inputs()
-  assert str(jax.make_jaxpr(loss)(variables["params"], x)).count("cond[") == 3  # 3 convs
-  with_barrier = grad(variables["params"], x)
-  monkeypatch.setattr(models, "materialize_conv_inputs", lambda: False)
-  plain = lambda params, x: loss(params, x)  # a new function: traces are cached per function
+  stored, plain = loss_of(module), loss_of(plain_module)
+  assert str(jax.make_jaxpr(stored)(variables["params"], x)).count("cond[") == 3  # 3 convs
   assert "cond[" not in str(jax.make_jaxpr(plain)(variables["params"], x))
+  with_stored = jax.jit(jax.grad(stored, argnums=(0, 1)))(variables["params"], x)
   without = jax.jit(jax.grad(plain, argnums=(0, 1)))(variables["params"], x)
-  for a, b in zip(jax.tree.leaves(with_barrier), jax.tree.leaves(without)):
+  for a, b in zip(jax.tree.leaves(with_stored), jax.tree.leaves(without)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)

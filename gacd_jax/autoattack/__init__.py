@@ -1,0 +1,317 @@
+"""AutoAttack in JAX: APGD-CE, APGD-T, FAB-T and Square, alone or as the ensemble.
+
+The attacks follow Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+diverse parameter-free attacks" (ICML 2020; APGD and the DLR loss), Croce & Hein, "Minimally
+distorted adversarial examples with a fast adaptive boundary attack" (ICML 2020; FAB) and
+Andriushchenko et al., "Square Attack" (ECCV 2020), with the settings of the authors' package
+(`pyautoattack`), for the Linf and L2 threat models.
+
+`evaluate` runs a version (`standard`, `plus`, `rand`, `fast` or a custom list) on a data set: each
+attack is applied, in order, only to the examples that are still robust (compacted on the host, in
+batches of a fixed size so each attack compiles once), and an example counts as robust only if
+every attack failed on it. Each per-batch attack is one jit over the mesh (batch split on `data`)
+with `lax` loops inside and a mask for the padding of the last batch; examples an attack has
+already broken stay in its batch, masked, until the batch is done.
+
+Random numbers are drawn per example from `fold_in(key(seed), attack, example index)`, so an
+example's attack does not depend on the batch it lands in, the batch size or the device count:
+running one attack alone breaks at least the examples it breaks inside the ensemble.
+
+Each per-batch attack (`apgd`, `fab`, `square`) takes the model as `model(x, key) -> logits`, where
+`key` feeds the model's own randomness (a randomized defense; deterministic models ignore it), and
+returns `(x_adv, fooled)`.
+
+Where this differs from the official code (pyautoattack 0.2.0):
+  * APGD's first checkpoint counts loss increases from the starting point, as the paper states;
+    the official code compares the first step's loss with 0 (an index wrap-around).
+  * Square draws its window and signs per example, not once per batch (the same distribution for
+    each example, and no dependence on the batch).
+  * The zero-gradient check runs once, on the first batch's clean points; the official one runs
+    at every APGD-DLR start.
+  * `fab` returns the closest misclassified point even beyond eps (only those within eps count).
+  * For a deterministic model, 'rand' takes one gradient per step instead of 20 equal ones.
+  * There is no check for dynamic defenses: a jitted function has no Python-level calls to trace.
+
+The package: `common` (the DLR losses, norms, projections and the restart loop), `apgd`, `fab`,
+`square`, `checks` (the official package's warnings), and here the ensemble driver `evaluate`
+with its per-batch jit cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import time
+from typing import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from gacd_jax import attacks
+from gacd_jax import errors
+from gacd_jax import sharding
+from gacd_jax.autoattack.apgd import APGD_LOSSES, apgd, apgd_checkpoints
+from gacd_jax.autoattack.checks import (AutoAttackWarning, check_n_classes, check_randomized,
+                                        check_range_output, check_square_success,
+                                        check_zero_gradients)
+from gacd_jax.autoattack.common import (NORMS, Model, Norm, argmax_differs, distance, dlr_loss,
+                                        dlr_targeted_loss)
+from gacd_jax.autoattack.fab import fab, project_onto_hyperplane
+from gacd_jax.autoattack.square import square, square_l2_pattern, square_schedule
+
+ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
+VERSIONS = ("standard", "plus", "rand", "fast", "custom")
+
+# The attacks each version runs, in order (the official package's lists; `fast` is ours).
+VERSION_ATTACKS = {
+    "standard": ("apgd-ce", "apgd-t", "fab-t", "square"),
+    "plus": ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t"),
+    "rand": ("apgd-ce", "apgd-dlr"),
+    "fast": ("apgd-ce", "apgd-t"),
+}
+
+__all__ = [
+    "APGD_LOSSES", "ATTACKS", "AutoAttackWarning", "Evaluation", "Model", "NORMS", "Norm",
+    "VERSIONS", "VERSION_ATTACKS", "apgd", "apgd_checkpoints", "check_n_classes",
+    "check_randomized", "check_range_output", "check_square_success", "check_zero_gradients",
+    "distance", "dlr_loss", "dlr_targeted_loss", "evaluate", "fab", "project_onto_hyperplane",
+    "square", "square_l2_pattern", "square_schedule",
+]
+
+# An adversarial example counts if its distance is at most eps plus this much float32 rounding
+# (x + delta - x is not exactly delta).
+_BALL_TOLERANCE = 1e-6
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+  """The outcome of `evaluate` on N examples.
+
+  Attributes:
+    robust_accuracy: fraction of examples correctly classified under every attack.
+    clean_accuracy: fraction correctly classified without attack.
+    x_adv: `[N, H, W, C]` in [0, 1]: the adversarial example that broke each example, the clean
+      image where none did (robust or misclassified already).
+    robust: `[N]` bool.
+    broken_by: `[N]` int: -1 robust, 0 misclassified clean, i >= 1 broken by `attacks[i - 1]`.
+    attacks: the attacks run, in order.
+    accuracy_after: robust accuracy after each attack (each only attacks what the previous left).
+    seconds: wall time per attack (including compilation), and 'clean'.
+    version, norm, eps: the settings.
+  """
+  robust_accuracy: float
+  clean_accuracy: float
+  x_adv: np.ndarray
+  robust: np.ndarray
+  broken_by: np.ndarray
+  attacks: tuple[str, ...]
+  accuracy_after: dict[str, float]
+  seconds: dict[str, float]
+  version: str
+  norm: str
+  eps: float
+
+  @property
+  def broken_by_name(self) -> list[str]:
+    """Per example: the attack's name, 'clean' (misclassified) or '' (robust)."""
+    names = ("clean", *self.attacks)
+    return [names[i] if i >= 0 else "" for i in self.broken_by]
+
+
+def _attack_settings(version: str, n_iter: int, n_queries: int, n_target_classes: int,
+                     eot_iter: int) -> dict[str, tuple[Callable, dict]]:
+  """Per attack name, the batch attack and its settings in `version` (the official values)."""
+  restarts = 5 if version == "plus" else 1
+  eot = eot_iter if version == "rand" else 1
+  apgd_kw = dict(n_iter=n_iter, eot_iter=eot)
+  return {
+      "apgd-ce": (apgd, dict(apgd_kw, loss="ce", n_restarts=restarts)),
+      "apgd-dlr": (apgd, dict(apgd_kw, loss="dlr", n_restarts=restarts)),
+      "apgd-t": (apgd, dict(apgd_kw, loss="dlr-targeted", n_restarts=1,
+                            n_target_classes=n_target_classes)),
+      "fab": (fab, dict(targeted=False, n_iter=n_iter, n_restarts=restarts)),
+      "fab-t": (fab, dict(targeted=True, n_iter=n_iter, n_restarts=1,
+                          n_target_classes=n_target_classes)),
+      "square": (square, dict(n_queries=n_queries)),
+  }
+
+
+def _check_settings(x: np.ndarray, y: np.ndarray, eps: float, norm: str, version: str,
+                    names: Sequence[str], batch_size: int, mesh) -> None:
+  if norm == "linf":
+    attacks.check_eps(eps)
+  elif not isinstance(eps, (int, float)) or not 0 <= eps < np.inf:
+    raise errors.ConfigError(f"eps={eps!r} must be a non-negative number")
+  if version not in VERSIONS:
+    raise errors.ConfigError(f"unknown version {version!r}; use one of {', '.join(VERSIONS)}")
+  unknown = [n for n in names if n not in ATTACKS]
+  if unknown or not names:
+    raise errors.ConfigError(
+        f"unknown attacks {unknown or names}; choose from {', '.join(ATTACKS)}")
+  if x.ndim != 4 or y.shape != x.shape[:1] or not len(x):
+    raise errors.DataError(f"expected images [N, H, W, C] and labels [N] with N >= 1, got "
+                           f"{x.shape} and {y.shape}")
+  if x.min() < 0 or x.max() > 1:
+    raise errors.DataError(f"images must be in [0, 1], found values in [{x.min()}, {x.max()}]")
+  n_devices = mesh.devices.size
+  if batch_size <= 0 or batch_size % n_devices:
+    raise errors.ConfigError(f"batch_size={batch_size} must be a positive multiple of the "
+                             f"{n_devices} devices of the mesh")
+
+
+def _batches(indices: np.ndarray, batch_size: int):
+  """Index batches of exactly `batch_size`, the last one padded: `(indices, mask)` pairs."""
+  for start in range(0, len(indices), batch_size):
+    part = indices[start:start + batch_size]
+    pad = batch_size - len(part)
+    yield np.pad(part, (0, pad)), np.arange(batch_size) < len(part)
+
+
+@dataclasses.dataclass(frozen=True)
+class _WithParams:
+  """`apply_fn` as `(params, x, key) -> logits`, whatever form the user gave it in. Hashable (and
+  equal) whenever `apply_fn` is, so the compiled attacks are cached per model function."""
+  apply_fn: Callable
+  randomized: bool
+  takes_params: bool
+
+  def __call__(self, params, x, key):
+    args = (params, x) if self.takes_params else (x,)
+    return self.apply_fn(*args, key) if self.randomized else self.apply_fn(*args)
+
+
+def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, norm: Norm = "linf",
+             version: str = "standard", attacks_to_run: Sequence[str] | None = None,
+             batch_size: int = 256, seed: int = 0, randomized: bool = False, n_iter: int = 100,
+             n_queries: int = 5000, n_target_classes: int = 9, eot_iter: int = 20, mesh=None,
+             progress: bool = True) -> Evaluation:
+  """AutoAttack robust accuracy of `apply_fn` on `(x, y)`.
+
+  Args:
+    apply_fn: images `[B, H, W, C]` in [0, 1] -> logits `[B, K]`; with `randomized`, `(images,
+      key) -> logits` for a model with its own randomness. With `params`, `params` comes first:
+      `(params, images[, key])`.
+    x: `[N, H, W, C]` in [0, 1]; y: `[N]` integer labels.
+    params: the model's variables, if `apply_fn` takes them. They are passed to the compiled
+      attacks as an argument; a closure over them would compile them in as constants (slow to
+      compile, and memory for a second copy): pass large models' weights here.
+    eps: radius of the threat model (Linf: in [0, 1]).
+    norm: 'linf' or 'l2' (any case: the official package's 'Linf' and 'L2' too).
+    version: 'standard' (APGD-CE, APGD-T, FAB-T, Square), 'plus' (APGD-CE and APGD-DLR with 5
+      restarts, FAB with 5, Square, APGD-T, FAB-T), 'rand' (APGD-CE, APGD-DLR with EOT over
+      `eot_iter` draws), 'fast' (APGD-CE, APGD-T), or 'custom' with `attacks_to_run`.
+    attacks_to_run: names from `ATTACKS` for version 'custom' (standard settings).
+    batch_size: examples per jitted call (a multiple of the device count).
+    seed: the random starts and queries are a function of it and of each example's index.
+    n_iter: APGD and FAB iterations (100 officially); n_queries: Square queries (5000).
+    n_target_classes: targets of APGD-T and FAB-T (9, at most K - 1).
+    mesh: the device mesh (default: all devices).
+    progress: a tqdm bar per attack.
+
+  Returns:
+    An `Evaluation`. Warns `AutoAttackWarning` when the official checks flag the model.
+  """
+  x = np.asarray(x, np.float32)
+  y = np.asarray(y, np.int32)
+  mesh = mesh or sharding.make_mesh()
+  if version == "custom":
+    names = tuple(attacks_to_run or ())
+  elif attacks_to_run is not None:
+    raise errors.ConfigError(f"attacks_to_run is for version='custom', not {version!r}")
+  else:
+    names = VERSION_ATTACKS.get(version, ())
+  norm = attacks.norm_name(norm)
+  _check_settings(x, y, eps, norm, version, names, batch_size, mesh)
+  fn = _WithParams(apply_fn, randomized, params is not None)
+  batch_sharding = sharding.batch_sharding(mesh)
+  params = jax.device_put(params, sharding.replicated(mesh))
+  model: Model = functools.partial(fn, params)
+  n = len(x)
+
+  # The official checks, on the first batch.
+  first = jnp.asarray(x[:batch_size])
+  if version != "rand":
+    check_randomized(model, first, y[:batch_size])
+  first_logits = np.asarray(model(first, jax.random.key(0)))
+  n_classes = first_logits.shape[-1]
+  check_range_output(first_logits)
+  check_n_classes(n_classes, names, n_target_classes)
+  check_zero_gradients(model, first, jnp.asarray(y[:batch_size]))
+  n_target_classes = min(n_target_classes, n_classes - 1)
+
+  tic = time.perf_counter()
+  predict = jax.jit(lambda p, xx, key: jnp.argmax(fn(p, xx, key), -1))
+  root = jax.random.key(seed)
+  clean_root = jax.random.fold_in(root, len(ATTACKS))
+  robust = np.zeros(n, bool)
+  for b, (index, mask) in enumerate(_batches(np.arange(n), batch_size)):
+    pred = predict(params, jax.device_put(x[index], batch_sharding),
+                   jax.random.fold_in(clean_root, b))
+    robust[index[mask]] = np.asarray(pred)[mask] == y[index[mask]]
+  clean_accuracy = float(robust.mean())
+  broken_by = np.where(robust, -1, 0)
+  x_adv = x.copy()
+  accuracy_after, seconds = {}, {"clean": time.perf_counter() - tic}
+
+  settings = _attack_settings(version, n_iter, n_queries, n_target_classes, eot_iter)
+  for stage, name in enumerate(names, start=1):
+    tic = time.perf_counter()
+    attack, kw = settings[name]
+    # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
+    make = _batch_attack if _hashable(fn) else _batch_attack.__wrapped__
+    run = make(fn, attack, tuple(sorted(kw.items())), norm)
+    attack_key = jax.random.fold_in(root, ATTACKS.index(name))
+    todo = np.flatnonzero(robust)
+    n_batches = -(-len(todo) // batch_size)
+    for b, (index, mask) in enumerate(tqdm(_batches(todo, batch_size), total=n_batches,
+                                           desc=name, disable=not progress, leave=False)):
+      inputs = jax.device_put((x[index], y[index], mask, index.astype(np.int32)), batch_sharding)
+      adv, broken = run(params, *inputs, jnp.int32(b), attack_key, jnp.float32(eps))
+      broken = np.asarray(broken)
+      hit = index[broken]
+      robust[hit] = False
+      broken_by[hit] = stage
+      x_adv[hit] = np.asarray(adv)[broken]
+    accuracy_after[name] = float(robust.mean())
+    seconds[name] = time.perf_counter() - tic
+
+  check_square_success(accuracy_after)
+  return Evaluation(
+      robust_accuracy=float(robust.mean()), clean_accuracy=clean_accuracy,
+      x_adv=x_adv, robust=robust, broken_by=broken_by, attacks=names,
+      accuracy_after=accuracy_after, seconds=seconds, version=version, norm=norm, eps=eps)
+
+
+def _hashable(obj) -> bool:
+  try:
+    hash(obj)
+  except TypeError:
+    return False
+  return True
+
+
+@functools.lru_cache(maxsize=32)
+def _batch_attack(fn: _WithParams, attack: Callable, settings: tuple[tuple[str, object], ...],
+                  norm: Norm) -> Callable:
+  """`(params, x, y, mask, index, batch_number, attack_key, eps) -> (x_adv, broken)` for one
+  padded batch, jitted.
+
+  Cached per model function, attack and settings, so evaluating the same `apply_fn` again (with
+  other params, another seed or eps) reuses the compilation. `broken` re-checks the attack's
+  claim: misclassified by a fresh forward pass and within eps.
+  """
+  @jax.jit
+  def run(params, x, y, mask, index, batch_number, attack_key, eps):
+    model: Model = functools.partial(fn, params)
+    example_root, model_root = jax.random.split(attack_key)
+    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, index)
+    model_key, check_key = jax.random.split(jax.random.fold_in(model_root, batch_number))
+    x_adv, fooled = attack(model, x, y, keys, model_key, eps=eps, norm=norm, active=mask,
+                           **dict(settings))
+    wrong = argmax_differs(model(x_adv, check_key), y)
+    within = distance(x_adv, x, norm) <= eps + _BALL_TOLERANCE
+    return x_adv, mask & fooled & wrong & within
+
+  return run

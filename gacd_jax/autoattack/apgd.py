@@ -1,0 +1,179 @@
+"""APGD (Croce & Hein, ICML 2020): Auto-PGD with the CE, DLR or targeted DLR loss."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gacd_jax import errors
+from gacd_jax import losses
+from gacd_jax import attacks
+from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, dlr_loss, dlr_targeted_loss,
+                                        example_keys, expand, normalize, nth_largest, project,
+                                        random_start, runs_loop)
+
+APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
+
+
+def apgd_checkpoints(n_iter: int) -> list[int]:
+  """The step counts after which APGD may halve its step size: `w_j = ceil(p_j * n_iter)`.
+
+  p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j - p_{j-1} - 0.03, 0.06). Computed, as in the
+  official code, with integer lengths (floor(0.22 N), shrinking by floor(0.03 N) down to
+  floor(0.06 N), each at least 1), which equals the formula when 0.01 N is an integer (N = 100:
+  22, 41, 57, 70, 80, 87, 93, 99).
+  """
+  length = max(int(0.22 * n_iter), 1)
+  shrink, shortest = max(int(0.03 * n_iter), 1), max(int(0.06 * n_iter), 1)
+  points, step = [], length
+  while step <= n_iter:
+    points.append(step)
+    length = max(length - shrink, shortest)
+    step += length
+  return points
+
+
+def _apgd_loss(name: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
+  if name == "ce":
+    return lambda logits, y, t: losses.cross_entropy(logits, y)
+  if name == "dlr":
+    return lambda logits, y, t: dlr_loss(logits, y)
+  return dlr_targeted_loss
+
+
+def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys: jax.Array,
+              model_key: jax.Array, *, eps, norm: Norm, loss: str, n_iter: int, eot_iter: int,
+              rho: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One APGD run (Algorithm 1) from a random start: `(x_best_loss, x_adversarial, fooled)`.
+
+  `x_adversarial` is the last iterate that was misclassified (where `fooled`).
+  """
+  loss_fn = _apgd_loss(loss)
+  ndim = x.ndim
+
+  def loss_and_grad(x_adv, key):
+    def one(k):
+      def total(xa):
+        logits = model(xa, k)
+        per_example = loss_fn(logits, y, targets)
+        return per_example.sum(), (per_example, logits)
+      (_, aux), grad = jax.value_and_grad(total, has_aux=True)(x_adv)
+      return aux, grad
+
+    if eot_iter == 1:
+      (value, logits), grad = one(key)
+      return value, logits, grad
+
+    # Expectation over transformation: the mean gradient over the model's randomness; the loss
+    # and logits of the last draw decide improvement and success, as in the official code.
+    def accumulate(grad_sum, k):
+      aux, grad = one(k)
+      return grad_sum + grad, aux
+    grad_sum, (values, logits) = jax.lax.scan(accumulate, jnp.zeros_like(x_adv),
+                                              jax.random.split(key, eot_iter))
+    return values[-1], logits[-1], grad_sum / eot_iter
+
+  def direction(grad):
+    return jnp.sign(grad) if norm == "linf" else normalize(grad, "l2")
+
+  checkpoints = apgd_checkpoints(n_iter)
+  is_checkpoint = np.zeros(n_iter, bool)
+  is_checkpoint[np.asarray(checkpoints) - 1] = True
+  # The number of steps since the previous checkpoint, at each checkpoint.
+  window = np.zeros(n_iter, np.float32)
+  window[np.asarray(checkpoints) - 1] = np.diff([0] + checkpoints)
+  is_checkpoint, window = jnp.asarray(is_checkpoint), jnp.asarray(window)
+
+  x_adv = random_start(keys, x, eps, norm)
+  value, logits, grad = loss_and_grad(x_adv, jax.random.fold_in(model_key, n_iter))
+  fooled = argmax_differs(logits, y)
+  step_size = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
+  state = dict(
+      x_adv=x_adv, x_prev=x_adv, grad=grad, value=value,
+      x_best=x_adv, grad_best=grad, value_best=value, x_best_adv=x_adv, fooled=fooled,
+      step_size=step_size, n_increase=jnp.zeros_like(value),
+      value_best_at_check=value, reduced_at_check=jnp.ones_like(fooled))
+
+  def body(i, s):
+    # Momentum 0.75 on the projected step, none on the first step.
+    a = jnp.where(i > 0, 0.75, 1.0)
+    z = project(s["x_adv"] + expand(s["step_size"], ndim) * direction(s["grad"]), x, eps, norm)
+    x_new = project(s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
+                     x, eps, norm)
+    value, logits, grad = loss_and_grad(x_new, jax.random.fold_in(model_key, i))
+
+    wrong = argmax_differs(logits, y)
+    x_best_adv = jnp.where(expand(wrong, ndim), x_new, s["x_best_adv"])
+    improved = value > s["value_best"]
+    x_best = jnp.where(expand(improved, ndim), x_new, s["x_best"])
+    grad_best = jnp.where(expand(improved, ndim), grad, s["grad_best"])
+    value_best = jnp.where(improved, value, s["value_best"])
+    n_increase = s["n_increase"] + (value > s["value"])
+
+    # At a checkpoint the step size halves where the loss rose in at most a fraction rho of the
+    # steps since the last one, or where neither the step size was halved nor the best loss
+    # improved since then; those examples restart from their best point.
+    check = is_checkpoint[i]
+    halve = check & ((n_increase <= window[i] * rho)
+                     | (~s["reduced_at_check"] & (s["value_best_at_check"] >= value_best)))
+    back = expand(halve, ndim)
+    return dict(
+        x_adv=jnp.where(back, x_best, x_new), x_prev=s["x_adv"],
+        grad=jnp.where(back, grad_best, grad), value=value,
+        x_best=x_best, grad_best=grad_best, value_best=value_best, x_best_adv=x_best_adv,
+        fooled=s["fooled"] | wrong,
+        step_size=jnp.where(halve, s["step_size"] / 2, s["step_size"]),
+        n_increase=jnp.where(check, 0.0, n_increase),
+        value_best_at_check=jnp.where(check, value_best, s["value_best_at_check"]),
+        reduced_at_check=jnp.where(check, halve, s["reduced_at_check"]))
+
+  state = jax.lax.fori_loop(0, n_iter, body, state)
+  return state["x_best"], state["x_best_adv"], state["fooled"]
+
+
+def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
+         eps: float, norm: Norm = "linf", loss: str = "ce", n_iter: int = 100,
+         n_restarts: int = 1, n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75,
+         active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+  """APGD on a batch: step size 2 eps halved at the checkpoints of `apgd_checkpoints`.
+
+  Args:
+    model: `(x [B, H, W, C], key) -> logits [B, K]`.
+    x: clean images `[B, H, W, C]` in [0, 1].
+    y: labels `[B]`.
+    keys: one PRNG key per example `[B]` (random starts).
+    model_key: a PRNG key for the model's own randomness.
+    eps: radius of the Linf or L2 ball.
+    loss: 'ce', 'dlr', or 'dlr-targeted' (APGD-T: one run per target, the classes with the 2nd
+      to (n_target_classes + 1)-th largest clean logit).
+    n_restarts: random restarts (per target for 'dlr-targeted'), each on the examples not yet
+      fooled.
+    eot_iter: gradients averaged per step over this many draws of the model's randomness.
+    active: `[B]` bool, the examples to attack (default all).
+
+  Returns:
+    `(x_adv [B, H, W, C], fooled [B])`: the misclassified point where `fooled`, else the
+    highest-loss point of the example's last run; always in the eps-ball and in [0, 1].
+  """
+  norm = attacks.norm_name(norm)
+  if loss not in APGD_LOSSES:
+    raise errors.ConfigError(f"unknown APGD loss {loss!r}; use one of {', '.join(APGD_LOSSES)}")
+  active = jnp.ones(x.shape[:1], bool) if active is None else active
+  targeted = loss == "dlr-targeted"
+  n_runs = n_restarts * (n_target_classes if targeted else 1)
+  clean_key, runs_key = jax.random.split(model_key)
+  clean_logits = model(x, clean_key)
+
+  def run(r, running, extra):
+    # Run r attacks the target ranked r // n_restarts + 2 (2 = the runner-up).
+    targets = nth_largest(clean_logits, r // n_restarts + 2) if targeted else y
+    x_best, x_best_adv, fooled = _apgd_run(
+        model, x, y, targets, example_keys(keys, r), jax.random.fold_in(runs_key, r),
+        eps=eps, norm=norm, loss=loss, n_iter=n_iter, eot_iter=eot_iter, rho=rho)
+    return jnp.where(expand(fooled, x.ndim), x_best_adv, x_best), fooled, extra
+
+  x_adv, fooled, _ = runs_loop(n_runs, run, x, active)
+  return x_adv, fooled
