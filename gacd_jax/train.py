@@ -414,10 +414,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   """
   config_lib.validate(config)
   workdir = pathlib.Path(workdir)
-  source = data.build(config.data.name, "train", image_size=config.data.image_size or None,
-                      channels=config.data.channels or None, data_dir=config.data.data_dir or None,
-                      num_examples=config.data.num_examples or None,
-                      num_classes=config.data.num_classes or None, seed=config.seed)
+  source = data.from_config(config.data, "train", seed=config.seed)
   mesh = sharding.make_mesh()
   global_batch = config.train.batch_size
   sharding.check_batch_size(global_batch, mesh)

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from ml_collections import ConfigDict
+
+from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax.errors import ConfigError, DataError
 
@@ -121,6 +124,84 @@ def test_digits_num_examples_keeps_a_prefix():
   assert head.num_examples == 100
   np.testing.assert_array_equal(head.get(np.arange(100))["image"],
                                 full.get(np.arange(100))["image"])
+
+
+# --- a subset of classes ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("split", ["train", "validation", "test"])
+def test_classes_keep_those_examples_relabelled_in_the_order_given(split):
+  full = _all(data.build("digits", split))
+  source = data.build("digits", split, classes=(7, 2, 5))
+  kept = np.flatnonzero(np.isin(full["label"], [7, 2, 5]))
+  assert (source.num_examples, source.num_classes, source.image_shape) == (len(kept), 3, (8, 8, 1))
+  batch = _all(source)
+  _check_batch(batch, len(kept), (8, 8, 1))
+  # Same images, in the split's order; 7 -> 0, 2 -> 1, 5 -> 2; positions count among the kept.
+  np.testing.assert_array_equal(batch["image"], full["image"][kept])
+  np.testing.assert_array_equal(
+      batch["label"], np.select([full["label"][kept] == c for c in (7, 2, 5)], [0, 1, 2]))
+  np.testing.assert_array_equal(batch["index"], np.arange(len(kept)))
+  # Stratified like the split: each kept class keeps its examples.
+  np.testing.assert_array_equal(np.bincount(batch["label"]),
+                                [np.sum(full["label"] == c) for c in (7, 2, 5)])
+
+
+def test_classes_sizes_of_the_cross_task_halves():
+  for split, sizes in (("train", (1750, 1750)), ("validation", (250, 250)), ("test", (500, 500))):
+    low = data.build("mnist5k", split, classes=range(5))
+    high = data.build("mnist5k", split, classes=(5, 6, 7, 8, 9))
+    assert (low.num_examples, high.num_examples) == sizes, split
+    assert low.num_classes == high.num_classes == 5
+    labels = high.get(np.arange(high.num_examples))["label"]
+    np.testing.assert_array_equal(np.bincount(labels), [sizes[1] // 5] * 5)
+
+
+def test_classes_are_deterministic_and_compose_with_the_other_options():
+  a = data.build("digits", "train", classes=(5, 9), num_examples=40, image_size=16, channels=3)
+  b = data.build("digits", "train", classes=(5, 9), num_examples=40, image_size=16, channels=3)
+  assert (a.num_examples, a.num_classes, a.image_shape) == (40, 2, (16, 16, 3))
+  np.testing.assert_array_equal(_all(a)["image"], _all(b)["image"])
+  np.testing.assert_array_equal(_all(a)["label"], _all(b)["label"])
+  # num_examples counts among the kept examples: the first 40 of the (5, 9) subset.
+  subset = data.build("digits", "train", classes=(5, 9), image_size=16, channels=3)
+  np.testing.assert_array_equal(_all(a)["image"], subset.get(np.arange(40))["image"])
+  assert set(_all(a)["label"]) == {0, 1}
+  # () is every class; num_classes must then match the selection.
+  assert data.build("digits", "test", classes=()).num_classes == 10
+  assert data.build("digits", "test", classes=(1, 2), num_classes=2).num_classes == 2
+  with pytest.raises(ConfigError, match="2 classes selected by data option classes"):
+    data.build("digits", "test", classes=(1, 2), num_classes=10)
+  synthetic = data.build("synthetic", "train", num_examples=60, num_classes=4, classes=(3, 1))
+  labels = _all(synthetic)["label"]
+  generated = _all(data.build("synthetic", "train", num_examples=60, num_classes=4))["label"]
+  np.testing.assert_array_equal(labels, np.where(generated[np.isin(generated, [3, 1])] == 3, 0, 1))
+
+
+@pytest.mark.parametrize("classes,match", [
+    ((3,), "keeps one class"),
+    ((1, 1), "repeats a label"),
+    ((1, 10), r"labels \[10\] that digits/train does not have \(its labels are 0 .. 9\)"),
+    ((-1, 2), r"labels \[-1\]"),
+    ((1.5, 2), "integer labels"),
+])
+def test_bad_classes_are_config_errors(classes, match):
+  with pytest.raises(ConfigError, match=match):
+    data.build("digits", "train", classes=classes)
+
+
+def test_classes_in_a_config_are_validated_and_read():
+  config = config_lib.default()
+  config.data.classes = (2, 2)
+  with pytest.raises(ConfigError, match="repeats a label"):
+    config_lib.validate(config)
+  config.data.classes = (4, 0)
+  config_lib.validate(config)
+  source = data.from_config(config.data, "test")
+  assert (source.num_classes, source.num_examples) == (2, 71)
+  # A config written before the option existed reads every class.
+  old = config.data.to_dict()
+  del old["classes"]
+  assert data.from_config(ConfigDict(old), "test").num_classes == 10
 
 
 # --- synthetic ----------------------------------------------------------------------------------
