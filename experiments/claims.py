@@ -56,6 +56,10 @@ PROBE_REFERENCES = ("teacher", "natural")
 # The probe's task for a student of each dataset (resized to the student's input size).
 PROBE_TASK = {"digits": "mnist5k", "mnist5k": "digits"}
 PROBE_ATTACKS = ("clean", "pgd20")
+# The probe is attacked at the student's own eps and at half of it: MNIST shrunk to 8x8 has
+# about half the ink of sklearn's digits (mean pixel 0.13 against 0.31), so the same eps is a
+# larger perturbation of it.
+PROBE_EPS_FRACTIONS = {"pgd20": 1.0, "pgd20_half_eps": 0.5}
 # Cross-task: the teacher's classes and the student's (original labels).
 TEACHER_CLASSES = (0, 1, 2, 3, 4)
 STUDENT_CLASSES = (5, 6, 7, 8, 9)
@@ -207,7 +211,8 @@ def probe_config(student_dataset: str, image_size: int, seed: int) -> ConfigDict
 def run_probes(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str],
                seeds: list[int], names: list[str], max_examples: int,
                settings: probe.ProbeSettings) -> tuple[dict, list[str]]:
-  """`({dataset: {name: {'seeds', 'clean', 'pgd20', 'train_accuracy': [per seed]}}}, skipped)`."""
+  """`({dataset: {name: {'seeds', 'clean', 'pgd20', 'pgd20_half_eps', 'train_accuracy':
+  [per seed]}}}, skipped)`."""
   results, skipped = {}, []
   for dataset in datasets:
     per_seed: dict[str, dict] = {}
@@ -224,11 +229,20 @@ def run_probes(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str]
         out = root / "probe" / dataset / f"seed{seed}" / name
 
         def compute(run=run, config=config, out=out):
-          result = probe.run_probe(str(run), config, str(out), settings, attacks=PROBE_ATTACKS)
-          return {"train_accuracy": result["train_accuracy"], **result["accuracy"]}
+          values = {}
+          for key, fraction in PROBE_EPS_FRACTIONS.items():
+            c = config.copy_and_resolve_references()
+            c.eval.eps *= fraction
+            c.eval.pgd_step_size *= fraction
+            # The probe is the same each time (deterministic); only the attack differs.
+            result = probe.run_probe(str(run), c, str(out / key), settings, attacks=PROBE_ATTACKS)
+            values.update(train_accuracy=result["train_accuracy"],
+                          clean=result["accuracy"]["clean"])
+            values[key] = result["accuracy"]["pgd20"]
+          return values
 
-        key = fingerprint(run) + json.dumps([max_examples, dataclasses.asdict(settings)],
-                                            sort_keys=True)
+        key = fingerprint(run) + json.dumps(
+            [max_examples, dataclasses.asdict(settings), PROBE_EPS_FRACTIONS], sort_keys=True)
         values = cached(out / "claims.json", key, compute)
         print(f"[{dataset} seed {seed}] {name} probed on {config.data.name} ({image_size}x"
               f"{image_size}): " + ", ".join(f"{k} {100 * v:.1f}" for k, v in values.items()),
@@ -337,8 +351,13 @@ def _cell(values: list[float], percent: bool) -> str:
   return f"{mean:.3f} ± {std:.3f}"
 
 
+def _ordered(names, order: tuple[str, ...]) -> list[str]:
+  """`names` in `order`, those not in it last."""
+  return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
+
+
 def table(per_seed: dict, labels: dict[str, str], order: tuple[str, ...], percent: bool) -> str:
-  names = sorted(per_seed, key=lambda n: order.index(n) if n in order else len(order))
+  names = _ordered(per_seed, order)
   rows = [{"": n, **{label: _cell(per_seed[n].get(k, []), percent) for k, label in labels.items()},
            "seeds": ",".join(map(str, per_seed[n]["seeds"]))} for n in names]
   return report.markdown_table(rows) if rows else "(no finished runs yet)"
@@ -368,11 +387,11 @@ def write_structure(out: pathlib.Path, results: dict, skipped: list[str], argv: 
     sections.append(f"## {dataset}\n\nTest split, Linf eps {eps}; PGD-20 against the student, "
                     "its adversarial inputs fed to both models.\n\n"
                     + table(per_seed, analysis.MEASURES, order, percent=False) + "\n")
-  report.plot_bars({f"{d} {n}": {label: r[n].get(k, []) for k, label in analysis.MEASURES.items()}
-                    for d, r in everything["results"].items()
-                    for n in sorted(r, key=lambda n: order.index(n) if n in order else 99)},
-                   out / "claims_structure.png", ylabel="similarity to the teacher",
-                   title="students against their teacher (mean ± std over seeds)")
+  groups = {f"{d} {n}": {label: r[n].get(k, []) for k, label in analysis.MEASURES.items()}
+            for d, r in everything["results"].items() for n in _ordered(r, order)}
+  if groups:
+    report.plot_bars(groups, out / "claims_structure.png", ylabel="similarity to the teacher",
+                     title="students against their teacher (mean ± std over seeds)")
   markdown = (
       "# Structure: how much of the teacher's feature geometry each student captured\n\n"
       f"Command (resumable; regenerates this file, claims_structure.json and .png): "
@@ -396,7 +415,8 @@ def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list
                       "probe_task": PROBE_TASK, "settings": dataclasses.asdict(settings),
                       "skipped": skipped},
                      {"study_gacd": study_gacd(study_root, list(results), seeds)})
-  labels = {"clean": "probe clean", "pgd20": "probe PGD-20", "train_accuracy": "probe train"}
+  labels = {"clean": "probe clean", "pgd20": "probe PGD-20", "pgd20_half_eps": "at eps/2",
+            "train_accuracy": "probe train"}
   order = STUDENTS + PROBE_REFERENCES
   sections = []
   for dataset, per_seed in everything["results"].items():
@@ -406,7 +426,8 @@ def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list
     sections.append(
         f"## {dataset} students, probed on {task} at {size}x{size}\n\n"
         f"Probe trained on the {task} train split, tested on its {source.num_examples} test "
-        f"images, Linf eps {recipes.SMALL_DATA[dataset].eps} (the students' own).\n\n"
+        f"images; PGD-20 at Linf eps {recipes.SMALL_DATA[dataset].eps} (the students' own) and at "
+        "half of it.\n\n"
         + table(per_seed, labels, order, percent=True) + "\n")
   markdown = (
       "# Robust features: a linear probe on frozen student features, on a task it never saw\n\n"
@@ -417,7 +438,9 @@ def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list
       "the run's input size: digits students on mnist5k shrunk to 8x8, mnist5k students on digits "
       "enlarged to 28x28. Probe and backbone are then attacked end to end (PGD-20, random start, "
       "step eps/8), so the robust accuracy is that of the transferred features "
-      "(`gacd_jax.probe`). Accuracy (%), mean ± sample std over seeds; 'teacher' (width 32) and "
+      "(`gacd_jax.probe`), at the student's own eps and at half of it (MNIST shrunk to 8x8 has "
+      "about half the ink of sklearn's digits, mean pixel 0.13 against 0.31, so the same eps "
+      "perturbs it more). Accuracy (%), mean ± sample std over seeds; 'teacher' (width 32) and "
       "'natural' (not robust) are references." + _skipped_note(skipped) + "\n\n"
       + "\n".join(sections))
   (out / "claims_probe.md").write_text(markdown)
@@ -441,21 +464,21 @@ def write_crosstask(out: pathlib.Path, results: dict, switches: dict, argv: list
                                                      "reweighting", "contrastive_weight",
                                                      "kl_weight") if k in gacd)
     sections.append(
-        f"## {dataset}\n\nStudents (small_cnn width {d.student_width}) on {dataset} digits "
-        f"{STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]}, evaluated on those digits of the test split; "
+        f"## {dataset}\n\nStudents (small_cnn width {d.student_width}) on the {dataset} images of "
+        f"digits {STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]}, evaluated on those of the test split; "
         f"Linf eps {d.eps}, {d.epochs} epochs. GACD: {gacd_note}.\n\n"
         + table(students, ACCURACY_LABELS, order, percent=True)
         + f"\n\nThe teacher (width {d.teacher_width}, PGD-AT) on its own digits "
         f"{TEACHER_CLASSES[0]}-{TEACHER_CLASSES[-1]}, for reference:\n\n"
         + table(teacher, ACCURACY_LABELS, order, percent=True) + "\n")
-  report.plot_bars({f"{d} {n}": {label: [100 * v for v in r[n].get(k, [])]
-                                 for k, label in ACCURACY_LABELS.items()}
-                    for d, r in everything["results"].items()
-                    for n in sorted(r, key=lambda n: order.index(n) if n in order else 99)
-                    if n != "teacher"},
-                   out / "claims_crosstask.png", ylabel="accuracy (%)",
-                   title=f"digits {STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]}, teacher on "
-                         f"{TEACHER_CLASSES[0]}-{TEACHER_CLASSES[-1]} (mean ± std over seeds)")
+  groups = {f"{d} {n}": {label: [100 * v for v in r[n].get(k, [])]
+                         for k, label in ACCURACY_LABELS.items()}
+            for d, r in everything["results"].items() for n in _ordered(r, order)
+            if n != "teacher"}
+  if groups:
+    report.plot_bars(groups, out / "claims_crosstask.png", ylabel="accuracy (%)",
+                     title=f"digits {STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]}, teacher on "
+                           f"{TEACHER_CLASSES[0]}-{TEACHER_CLASSES[-1]} (mean ± std over seeds)")
   markdown = (
       "# Cross-task transfer: a teacher of other classes distils a robust student\n\n"
       f"Command (resumable; regenerates this file, claims_crosstask.json and .png): "

@@ -102,9 +102,12 @@ def test_structure_and_probe_over_seeds(tiny_study, monkeypatch, capsys):
   everything = json.loads((out / "claims_probe.json").read_text())
   per_name = everything["results"]["digits"]
   assert set(per_name) == {"gacd", "ard"} and per_name["gacd"]["seeds"] == [0, 1]
-  _check_summary(everything, ("clean", "pgd20", "train_accuracy"))
-  stored = json.loads((root / "claims" / "probe" / "digits" / "seed0" / "gacd" / "probe.json")
-                      .read_text())
+  _check_summary(everything, ("clean", "pgd20", "pgd20_half_eps", "train_accuracy"))
+  probed = root / "claims" / "probe" / "digits" / "seed0" / "gacd"
+  stored = json.loads((probed / "pgd20" / "probe.json").read_text())
+  half = json.loads((probed / "pgd20_half_eps" / "probe.json").read_text())
+  assert half["eps"] == pytest.approx(stored["eps"] / 2)
+  assert half["accuracy"]["pgd20"] == per_name["gacd"]["pgd20_half_eps"][0]
   assert (stored["trained_on"], stored["probed_on"], stored["image_shape"]) == (
       "digits", "mnist5k", [8, 8, 1])
   assert stored["accuracy"]["clean"] == per_name["gacd"]["clean"][0]
