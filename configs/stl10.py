@@ -25,6 +25,7 @@ laptop. The data is tfds' stl10 in array_record format (`--config.data.data_dir=
 """
 
 from gacd_jax import recipes
+from gacd_jax.methods import gacd as gacd_lib
 
 # Methods that need only the teacher's features, and those without a teacher.
 METHODS = ("gacd", "crd", "natural", "pgd_at", "trades")
@@ -37,8 +38,9 @@ def get_config(arg: str = "gacd,resnet18"):
       why_not="the CIFAR-10 teacher's class probabilities do not describe STL-10's classes, so "
       "only feature-based distillation transfers across the task.",
       teacher_config="configs/cifar10.py:teacher")
-  # Cross-task: no teacher probability of an STL-10 label exists, although both have 10 classes.
-  c.method.gacd.reweighting = "none"
+  # Cross-task: no teacher probability of an STL-10 label exists, although both have 10 classes,
+  # so GACD uses the teacher's features only (no KL attack or term, no reweighting).
+  gacd_lib.make_feature_only(c.method.gacd)
   if not recipes.parse_arg(arg).runlocal:  # runlocal sets its own
     c.method.gacd.num_negatives = NUM_NEGATIVES
     c.method.crd.num_negatives = NUM_NEGATIVES

@@ -86,6 +86,7 @@ from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax import torch_convert
 from gacd_jax import train
+from gacd_jax.methods import gacd as gacd_lib
 from gacd_jax.methods import InitInfo
 
 WORKS = ("gacd_step", "ard_step", "rslad_step", "train_step", "pgd10", "forward")
@@ -229,6 +230,8 @@ class Bench:
     self.config.precision = args.precision
     self.config.attack.steps = args.attack_steps
     self.config.method.gacd.num_negatives = args.negatives
+    # The PyTorch GACD step writes METHODS.md section 3's GACD (guided attack, CE + 0.8 CRD NCE).
+    self.config.method.gacd.update(gacd_lib.RECONSTRUCTION)
     self.torch_attack = torch_steps.AttackSettings(
         self.config.attack.eps, self.config.attack.step_size, args.attack_steps)
 

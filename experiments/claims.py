@@ -47,6 +47,7 @@ from gacd_jax import probe
 from gacd_jax import recipes
 from gacd_jax import report
 from gacd_jax import runtime
+from gacd_jax.methods import gacd as gacd_lib
 
 KINDS = ("structure", "probe", "crosstask")
 # The students compared, and the references shown beside them where they are finished.
@@ -283,19 +284,10 @@ def crosstask_runs(root: pathlib.Path, dataset: str, seed: int,
 
 
 def feature_only_gacd(gacd: ConfigDict) -> None:
-  """GACD that uses nothing but the teacher's features: the teacher's probabilities are of
-  other classes. Reweighting 'none' (its 'auto' would take equal class counts, 5 and 5, for the
-  same classes and weight by the probability of another digit); a KL term or KL attack, if the
-  defaults carry one, is dropped, with a note."""
-  gacd.reweighting = "none"
-  if gacd.kl_weight > 0:
-    print(f"note: cross-task GACD drops its KL term (kl_weight {gacd.kl_weight} -> 0): the "
-          "teacher's probabilities are of other classes", flush=True)
-    gacd.kl_weight = 0.0
-  if gacd.attack_objective == "kl":
-    print("note: cross-task GACD attacks with the contrastive objective instead of 'kl': the "
-          "teacher's probabilities are of other classes", flush=True)
-    gacd.attack_objective = "contrastive"
+  """GACD that uses nothing but the teacher's features (`gacd_lib.make_feature_only`): the
+  teacher's probabilities are of other classes. Prints what changed."""
+  for change in gacd_lib.make_feature_only(gacd):
+    print(f"note: cross-task GACD uses the teacher's features only: {change}", flush=True)
 
 
 def run_crosstask(root: pathlib.Path, datasets: list[str], seeds: list[int],

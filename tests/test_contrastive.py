@@ -230,6 +230,9 @@ def _context(labels, method, *, teacher_classes=C, seed=0):
 
 
 def _small_nce(name="gacd", **switches):
+  """A small CRD/GACD config; GACD as METHODS.md section 3 writes it, with `switches` on top."""
+  if name == "gacd":
+    switches = {**gacd_lib.RECONSTRUCTION, **switches}
   return _method_config(name, feat_dim=16, num_negatives=K, **switches)
 
 
@@ -342,7 +345,10 @@ def test_unknown_switch_values_are_config_errors():
 
 
 def _step_setup(name: str, **switches):
-  """A width-4 small_cnn student and a width-8 teacher on random 8x8 images, 64 examples."""
+  """A width-4 small_cnn student and a width-8 teacher on random 8x8 images, 64 examples; GACD as
+  METHODS.md section 3 writes it (memory banks), with `switches` on top."""
+  if name == "gacd":
+    switches = {**gacd_lib.RECONSTRUCTION, **switches}
   cfg = _method_config(name, feat_dim=16, **switches)
   if name != "crdnd":
     cfg[name].num_negatives = K

@@ -23,6 +23,7 @@ from gacd_jax import models
 from gacd_jax import torch_convert
 from gacd_jax import train
 from gacd_jax.methods import contrastive
+from gacd_jax.methods import gacd as gacd_lib
 from gacd_jax.methods.base import Context, InitInfo
 
 torch = pytest.importorskip("torch")
@@ -138,7 +139,9 @@ def _method(name: str, **switches):
 
 
 def _gacd(num_negatives: int = NUM_NEGATIVES):
-  return _method("gacd", num_negatives=num_negatives, feat_dim=FEAT_DIM)
+  # The PyTorch side writes METHODS.md section 3's GACD: the guided attack, CE + 0.8 CRD NCE.
+  return _method("gacd", num_negatives=num_negatives, feat_dim=FEAT_DIM,
+                 **gacd_lib.RECONSTRUCTION)
 
 
 def _jax_loss_and_grads(setup: Setup, method, x_adv, method_params=None, method_state=None,

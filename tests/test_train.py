@@ -17,11 +17,13 @@ from gacd_jax import methods
 from gacd_jax import models
 from gacd_jax import sharding
 from gacd_jax import train
+from gacd_jax.methods import gacd as gacd_lib
 from tests import helpers
 
 
 def _step_setup(method_name: str, width: int = 8, dtype=jnp.float32):
   config = helpers.tiny_config(method_name, width=width)
+  config.method.gacd.update(gacd_lib.RECONSTRUCTION)  # the memory-bank form (NCE)
   source = data.build("digits", "train", image_size=8, channels=1, num_examples=128)
   method = methods.build(config.method)
   model = models.build("small_cnn", 10, width=width, dtype=dtype)
