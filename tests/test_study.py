@@ -70,3 +70,15 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   study.merge_json(path, "mnist5k", {"ard": {"clean": [0.1]}})
   assert set(json.loads(path.read_text())) == {"digits", "mnist5k"}
   assert study.format_cell([]) == "-"
+
+
+def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_term():
+  results = {
+      "teacher": {"autoattack": [0.9, 0.9]},
+      "attack=ce, no contrastive (= PGD-AT)": {"autoattack": [0.8, 0.8]},  # not GACD
+      "attack=ce": {"autoattack": [0.5, 0.7]},
+      "attack=ce, infonce": {"autoattack": [0.62, 0.62]},
+  }
+  assert study.selected_variant(results) == "attack=ce, infonce"
+  assert "**attack=ce, infonce** (attack_objective='ce', estimator='infonce'" in (
+      study.selection_note(results))
