@@ -158,6 +158,15 @@ def structure_config(dataset: str, seed: int) -> ConfigDict:
   return c
 
 
+def finished_or_skipped(run: pathlib.Path, skipped: list[str], why: str = "") -> bool:
+  """Whether the study run is finished; if not, it is added to `skipped` and said so."""
+  if finished(run):
+    return True
+  skipped.append(str(run))
+  print(f"skip: {run} is not finished (no {EVAL_FILE}){why}", flush=True)
+  return False
+
+
 def run_structure(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str],
                   seeds: list[int], names: list[str], max_examples: int) -> tuple[dict, list[str]]:
   """`({dataset: {method: {'seeds': [...], measure: [per seed]}}}, skipped runs)`."""
@@ -166,17 +175,13 @@ def run_structure(study_root: pathlib.Path, root: pathlib.Path, datasets: list[s
     per_seed: dict[str, dict] = {}
     for seed in seeds:
       teacher = study_run(study_root, dataset, seed, "teacher")
-      if not finished(teacher):
-        skipped.append(str(teacher))
-        print(f"skip: {teacher} is not finished (no {EVAL_FILE}); seed {seed} of {dataset} left "
-              "out of the structure table", flush=True)
+      if not finished_or_skipped(teacher, skipped, f"; seed {seed} of {dataset} left out of the "
+                                 "structure table"):
         continue
       config = structure_config(dataset, seed)
       for name in names:
         run = study_run(study_root, dataset, seed, name)
-        if not finished(run):
-          skipped.append(str(run))
-          print(f"skip: {run} is not finished (no {EVAL_FILE})", flush=True)
+        if not finished_or_skipped(run, skipped):
           continue
         row = cached(
             root / "structure" / dataset / f"seed{seed}" / f"{name}.json",
@@ -220,9 +225,7 @@ def run_probes(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str]
     for seed in seeds:
       for name in names:
         run = study_run(study_root, dataset, seed, name)
-        if not finished(run):
-          skipped.append(str(run))
-          print(f"skip: {run} is not finished (no {EVAL_FILE})", flush=True)
+        if not finished_or_skipped(run, skipped):
           continue
         image_size = checkpoints.read_run_info(run)["image_shape"][0]
         config = probe_config(dataset, image_size, seed)
@@ -511,11 +514,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   argv = list(argv if argv is not None else sys.argv[1:])
   runtime.configure()
 
-  datasets = args.datasets.split(",")
-  for name in datasets:
-    if name not in recipes.SMALL_DATA:
-      parser.error(f"unknown dataset {name!r}; the claims run on {', '.join(recipes.SMALL_DATA)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  datasets, seeds = study.datasets_and_seeds(parser, args.datasets, args.seeds)
   defaults = {"structure": STUDENTS + STRUCTURE_REFERENCES, "probe": STUDENTS + PROBE_REFERENCES,
               "crosstask": CROSSTASK_METHODS}[args.kind]
   names = args.names.split(",") if args.names else list(defaults)

@@ -254,6 +254,19 @@ def plan(kind: str, root: pathlib.Path, datasets: list[str], seeds: list[int],
   return teachers, students
 
 
+def datasets_and_seeds(parser: argparse.ArgumentParser, datasets: str,
+                       seeds: str) -> tuple[list[str], list[int]]:
+  """The comma-separated `--datasets` (bundled ones only) and `--seeds`; a usage error else."""
+  names = datasets.split(",")
+  for name in names:
+    if name not in recipes.SMALL_DATA:
+      parser.error(f"unknown dataset {name!r}; use {', '.join(recipes.SMALL_DATA)}")
+  try:
+    return names, [int(s) for s in seeds.split(",")]
+  except ValueError:
+    parser.error(f"--seeds={seeds!r} is not a comma-separated list of integers")
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("kind", choices=("grid", "ablation"))
@@ -272,11 +285,7 @@ def main(argv=None) -> None:
   args = parser.parse_args(argv)
   runtime.configure()
 
-  datasets = args.datasets.split(",")
-  for name in datasets:
-    if name not in recipes.SMALL_DATA:
-      parser.error(f"unknown dataset {name!r}; the study runs on {', '.join(recipes.SMALL_DATA)}")
-  seeds = [int(s) for s in args.seeds.split(",")]
+  datasets, seeds = datasets_and_seeds(parser, args.datasets, args.seeds)
   default_names = GRID_METHODS if args.kind == "grid" else tuple(GACD_VARIANTS)
   separator = "," if args.kind == "grid" else ";"
   names = args.names.split(separator) if args.names else list(default_names)
