@@ -1,5 +1,11 @@
 """Process-wide settings the command line applies at start-up (a library import changes nothing).
 
+A Python user gets the same with one call, `gacd_jax.runtime.configure()`, before anything uses
+JAX; `autoattack.evaluate` and `train.train` warn once (`PerformanceWarning`) when they run on the
+CPU without the convolution flag. Importing gacd_jax does not set it: `XLA_FLAGS` is read by every
+XLA in the process and its children (TensorFlow's too), and a flag another jaxlib does not know
+aborts it, so a library asks instead of changing the process behind the user's back.
+
 - XLA CPU flags: jaxlib 0.10 routes every convolution to YNNPACK by default, whose weight gradient
   is slow on CPUs (the README's benchmark section); `-individual_convolution` keeps convolutions
   in XLA's own (Eigen) emitter, with identical logits. The flag only concerns the CPU backend (a
@@ -12,7 +18,8 @@ And the one backend decision the launchers pass to the models, `store_conv_input
 
 import os
 import pathlib
-from typing import MutableMapping, Optional
+import warnings
+from typing import Mapping, MutableMapping, Optional
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 CACHE_ENV = "GACD_JAX_COMPILATION_CACHE"
@@ -37,6 +44,33 @@ def set_xla_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
     return False
   environ["XLA_FLAGS"] = CPU_XLA_FLAGS
   return True
+
+
+class PerformanceWarning(UserWarning):
+  """gacd_jax runs on a path it knows to be slow, and says how to leave it."""
+
+
+def slow_cpu_convolutions(backend: str, environ: Mapping[str, str] = os.environ) -> bool:
+  """Whether convolution gradients take jaxlib's slow default path: the CPU backend without this
+  project's flag in `XLA_FLAGS`."""
+  return backend == "cpu" and CPU_XLA_FLAGS not in environ.get("XLA_FLAGS", "")
+
+
+_warned_slow_cpu = False
+
+
+def warn_if_slow_cpu() -> None:
+  """Warn once per process if `slow_cpu_convolutions` (for `jax.default_backend()`)."""
+  global _warned_slow_cpu
+  import jax  # pylint: disable=g-import-not-at-top
+  if _warned_slow_cpu or not slow_cpu_convolutions(jax.default_backend()):
+    return
+  _warned_slow_cpu = True
+  warnings.warn(
+      "JAX runs on the CPU without gacd_jax's convolution flag, so convolution gradients take "
+      "jaxlib's slow default path (about 3x slower, see the README's benchmark); call "
+      "gacd_jax.runtime.configure() before anything uses JAX, or add "
+      f"{CPU_XLA_FLAGS} to XLA_FLAGS", PerformanceWarning, stacklevel=3)
 
 
 def default_cache_dir(environ: MutableMapping[str, str] = os.environ) -> Optional[str]:

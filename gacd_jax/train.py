@@ -413,6 +413,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   (as if the process were killed there, but with a checkpoint); the next call resumes from it.
   """
   config_lib.validate(config)
+  runtime.warn_if_slow_cpu()
   workdir = pathlib.Path(workdir)
   source = data.from_config(config.data, "train", seed=config.seed)
   mesh = sharding.make_mesh()

@@ -1,5 +1,5 @@
-"""Test-session setup: a persistent compilation cache shared by the tests (and their subprocesses),
-and a method registry restored after each test.
+"""Test-session setup: the command line's XLA CPU flags, a persistent compilation cache shared by
+the tests (and their subprocesses), and a method registry restored after each test.
 
 Many tests compile the same tiny train step; on a 2-core CPU compiling dominates their time, so the
 cache keeps the suite inside its budget. It lives under pytest's cache directory of the checkout.
@@ -12,6 +12,10 @@ import pathlib
 import jax
 import pytest
 
+from gacd_jax import runtime
+
+# As the command line does (before any backend starts): the tests run on the path users get.
+runtime.set_xla_flags()
 CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

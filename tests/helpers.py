@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 from gacd_jax import demo
+from gacd_jax import runtime
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -27,9 +28,14 @@ def tiny_config(method: str = "natural", *, width: int = 4, epochs: int = 1,
   return c
 
 
+def device_flags(devices: int) -> str:
+  """`XLA_FLAGS` for `devices` fake CPU devices, with the command line's CPU flags."""
+  return f"--xla_force_host_platform_device_count={devices} {runtime.CPU_XLA_FLAGS}"
+
+
 def run_python(code: str, *, devices: int = 1, timeout: int = 600) -> str:
   """Run `code` in a fresh interpreter with `devices` fake CPU devices; return its stdout."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+  env = dict(os.environ, XLA_FLAGS=device_flags(devices),
              PYTHONPATH=REPO)
   proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                         timeout=timeout, cwd=REPO)

@@ -306,3 +306,60 @@ def test_evaluate_run_adds_autoattack_to_the_report(tmp_path):
                        batch_size=config.eval.batch_size, seed=config.seed, n_iter=3,
                        n_queries=10, progress=False)
   assert direct.robust_accuracy == accuracy["autoattack"]
+
+
+def test_buckets_are_powers_of_two_times_the_devices_up_to_the_batch_size():
+  assert [aa.bucket(n, 256) for n in (1, 2, 3, 99, 128, 129, 256, 300)] == [
+      1, 2, 4, 128, 128, 256, 256, 256]
+  assert [aa.bucket(n, 48, 8) for n in (1, 8, 9, 20, 40, 48)] == [8, 8, 16, 32, 48, 48]
+
+
+def test_results_do_not_depend_on_the_batch_size(mlp):
+  """Per-example keys, compaction between runs and bucketed shapes: the same examples broken, by
+  the same attack, at the same points, whether batches hold 128 examples or 16 (and 8, 4, ...
+  for the short ones)."""
+  f, x, y = mlp
+  kw = dict(eps=EPS["Linf"], version="standard", n_iter=5, n_queries=50, n_target_classes=3,
+            progress=False)
+  large = aa.evaluate(f, x, y, batch_size=128, **kw)
+  small = aa.evaluate(f, x, y, batch_size=16, **kw)
+  assert 0 < large.robust_accuracy < large.clean_accuracy
+  assert len(set(large.broken_by[large.broken_by > 0])) > 1  # more than one attack breaks some
+  np.testing.assert_array_equal(small.broken_by, large.broken_by)
+  np.testing.assert_allclose(small.x_adv, large.x_adv, atol=1e-6)
+
+
+def test_run_by_run_equals_all_runs_in_one_batch(mlp):
+  """The driver's APGD-T, target by target on the examples still robust, breaks exactly the
+  examples that `apgd` breaks with its nine targets in one call on the whole batch (same keys)."""
+  f, x, y = mlp
+  seed, eps = 3, EPS["Linf"]
+  driver = aa.evaluate(f, x, y, eps=eps, version="custom", attacks_to_run=["apgd-t"], n_iter=5,
+                       batch_size=32, seed=seed, progress=False)
+  attack_key = jax.random.fold_in(jax.random.key(seed), aa.ATTACKS.index("apgd-t"))
+  example_root, _ = jax.random.split(attack_key)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, jnp.arange(len(x)))
+  _, fooled = jax.jit(lambda xx: aa.apgd(_model(f), xx, jnp.asarray(y), keys, jax.random.key(0),
+                                         eps=eps, loss="dlr-targeted", n_iter=5))(jnp.asarray(x))
+  correct = np.asarray(f(x)).argmax(1) == y
+  assert 0 < np.sum(correct & np.asarray(fooled)) < correct.sum()
+  np.testing.assert_array_equal(driver.broken_by == 1, correct & np.asarray(fooled))
+
+
+def test_twenty_examples_are_attacked_in_a_batch_of_at_most_32(mlp, monkeypatch):
+  f, x, y = mlp
+  shapes = []
+  real = aa._batch_attack  # pylint: disable=protected-access
+
+  def recording(*args):
+    run = real(*args)
+    def call(params, xx, *rest):
+      shapes.append(xx.shape[0])
+      return run(params, xx, *rest)
+    return call
+
+  monkeypatch.setattr(aa, "_batch_attack", recording)
+  aa.evaluate(f, x[:20], y[:20], eps=EPS["Linf"], version="fast", n_iter=3, n_target_classes=2,
+              batch_size=256, progress=False)
+  assert shapes and max(shapes) <= 32
+  assert len(shapes) >= 3  # APGD-CE, then APGD-T's two target runs

@@ -26,7 +26,7 @@ def _free_port() -> int:
 def _env(devices: int) -> dict:
   return dict(os.environ, PYTHONPATH=helpers.REPO,
               GACD_JAX_COMPILATION_CACHE=os.environ["JAX_COMPILATION_CACHE_DIR"],
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+              XLA_FLAGS=helpers.device_flags(devices))
 
 
 def test_two_processes_on_loopback_train_like_one_process_with_two_devices(tmp_path):

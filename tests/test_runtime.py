@@ -1,6 +1,8 @@
 """The start-up settings and the precision switch are applied (a regression guard, not a timing
 test)."""
 
+import warnings
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,3 +92,21 @@ def test_cpu_convolutions_store_their_inputs_and_compute_the_same():
   without = jax.jit(jax.grad(plain, argnums=(0, 1)))(variables["params"], x)
   for a, b in zip(jax.tree.leaves(with_stored), jax.tree.leaves(without)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+
+
+def test_a_cpu_run_without_the_flag_warns_once_how_to_set_it(monkeypatch):
+  assert runtime.slow_cpu_convolutions("cpu", {})
+  assert runtime.slow_cpu_convolutions("cpu", {"XLA_FLAGS": "--xla_dump_to=/tmp/x"})
+  assert not runtime.slow_cpu_convolutions("cpu", {"XLA_FLAGS": runtime.CPU_XLA_FLAGS})
+  assert not runtime.slow_cpu_convolutions("gpu", {}) and not runtime.slow_cpu_convolutions("tpu", {})
+
+  monkeypatch.setattr(runtime, "_warned_slow_cpu", False)
+  monkeypatch.setenv("XLA_FLAGS", "--xla_dump_to=/tmp/x")
+  with pytest.warns(runtime.PerformanceWarning, match="runtime.configure()"):
+    runtime.warn_if_slow_cpu()
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    runtime.warn_if_slow_cpu()  # once per process
+    monkeypatch.setattr(runtime, "_warned_slow_cpu", False)
+    monkeypatch.setenv("XLA_FLAGS", runtime.CPU_XLA_FLAGS)
+    runtime.warn_if_slow_cpu()  # configured: silent

@@ -7,11 +7,14 @@ Andriushchenko et al., "Square Attack" (ECCV 2020), with the settings of the aut
 (`pyautoattack`), for the Linf and L2 threat models.
 
 `evaluate` runs a version (`standard`, `plus`, `rand`, `fast` or a custom list) on a data set: each
-attack is applied, in order, only to the examples that are still robust (compacted on the host, in
-batches of a fixed size so each attack compiles once), and an example counts as robust only if
-every attack failed on it. Each per-batch attack is one jit over the mesh (batch split on `data`)
-with `lax` loops inside and a mask for the padding of the last batch; examples an attack has
-already broken stay in its batch, masked, until the batch is done.
+attack is applied, in order, only to the examples that are still robust, and an example counts as
+robust only if every attack failed on it. The attacks with several runs (APGD-T and FAB-T's nine
+targets, the restarts of `plus`) go run by run, so each run attacks only what the earlier runs
+left robust, as in the official code. Between runs the examples still to attack are compacted on
+the host into batches of `batch_size`, the last one padded to a `bucket` (a power of two times
+the device count), so each attack compiles once per bucket. Each per-batch attack is one jit over
+the mesh (batch split on `data`) with `lax` loops inside and a mask for the padding; examples a
+run has already broken stay in its batch, masked, until the batch is done.
 
 Random numbers are drawn per example from `fold_in(key(seed), attack, example index)`, so an
 example's attack does not depend on the batch it lands in, the batch size or the device count:
@@ -51,6 +54,7 @@ from tqdm import tqdm
 
 from gacd_jax import attacks
 from gacd_jax import errors
+from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax.autoattack.apgd import APGD_LOSSES, apgd, apgd_checkpoints
 from gacd_jax.autoattack.checks import (AutoAttackWarning, check_n_classes, check_randomized,
@@ -74,7 +78,7 @@ VERSION_ATTACKS = {
 
 __all__ = [
     "APGD_LOSSES", "ATTACKS", "AutoAttackWarning", "Evaluation", "Model", "NORMS", "Norm",
-    "VERSIONS", "VERSION_ATTACKS", "apgd", "apgd_checkpoints", "check_n_classes",
+    "VERSIONS", "VERSION_ATTACKS", "apgd", "apgd_checkpoints", "bucket", "check_n_classes",
     "check_randomized", "check_range_output", "check_square_success", "check_zero_gradients",
     "distance", "dlr_loss", "dlr_targeted_loss", "evaluate", "fab", "project_onto_hyperplane",
     "square", "square_l2_pattern", "square_schedule",
@@ -121,20 +125,21 @@ class Evaluation:
 
 
 def _attack_settings(version: str, n_iter: int, n_queries: int, n_target_classes: int,
-                     eot_iter: int) -> dict[str, tuple[Callable, dict]]:
-  """Per attack name, the batch attack and its settings in `version` (the official values)."""
+                     eot_iter: int) -> dict[str, tuple[Callable, dict, int]]:
+  """Per attack name: the batch attack, its settings in `version` (the official values) and its
+  number of runs (restarts, targets; 0 for Square, which has none)."""
   restarts = 5 if version == "plus" else 1
   eot = eot_iter if version == "rand" else 1
   apgd_kw = dict(n_iter=n_iter, eot_iter=eot)
   return {
-      "apgd-ce": (apgd, dict(apgd_kw, loss="ce", n_restarts=restarts)),
-      "apgd-dlr": (apgd, dict(apgd_kw, loss="dlr", n_restarts=restarts)),
+      "apgd-ce": (apgd, dict(apgd_kw, loss="ce", n_restarts=restarts), restarts),
+      "apgd-dlr": (apgd, dict(apgd_kw, loss="dlr", n_restarts=restarts), restarts),
       "apgd-t": (apgd, dict(apgd_kw, loss="dlr-targeted", n_restarts=1,
-                            n_target_classes=n_target_classes)),
-      "fab": (fab, dict(targeted=False, n_iter=n_iter, n_restarts=restarts)),
+                            n_target_classes=n_target_classes), n_target_classes),
+      "fab": (fab, dict(targeted=False, n_iter=n_iter, n_restarts=restarts), restarts),
       "fab-t": (fab, dict(targeted=True, n_iter=n_iter, n_restarts=1,
-                          n_target_classes=n_target_classes)),
-      "square": (square, dict(n_queries=n_queries)),
+                          n_target_classes=n_target_classes), n_target_classes),
+      "square": (square, dict(n_queries=n_queries), 0),
   }
 
 
@@ -161,12 +166,24 @@ def _check_settings(x: np.ndarray, y: np.ndarray, eps: float, norm: str, version
                              f"{n_devices} devices of the mesh")
 
 
-def _batches(indices: np.ndarray, batch_size: int):
-  """Index batches of exactly `batch_size`, the last one padded: `(indices, mask)` pairs."""
+def bucket(n: int, batch_size: int, n_devices: int = 1) -> int:
+  """The batch shape for `n` examples: the smallest `n_devices * 2^k >= n`, at most `batch_size`.
+
+  Batches come in these few shapes, each compiled once, so a short last batch or a small set of
+  examples still to attack is padded to the next bucket, not to `batch_size`.
+  """
+  size = n_devices
+  while size < n:
+    size *= 2
+  return min(size, batch_size)
+
+
+def _batches(indices: np.ndarray, batch_size: int, n_devices: int):
+  """`(indices, mask)` batches of `batch_size`, the last one padded to its `bucket`."""
   for start in range(0, len(indices), batch_size):
     part = indices[start:start + batch_size]
-    pad = batch_size - len(part)
-    yield np.pad(part, (0, pad)), np.arange(batch_size) < len(part)
+    size = bucket(len(part), batch_size, n_devices)
+    yield np.pad(part, (0, size - len(part))), np.arange(size) < len(part)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -211,7 +228,8 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     progress: a tqdm bar per attack.
 
   Returns:
-    An `Evaluation`. Warns `AutoAttackWarning` when the official checks flag the model.
+    An `Evaluation`. Warns `AutoAttackWarning` when the official checks flag the model, and
+    `runtime.PerformanceWarning` (once) on a CPU without `runtime.configure()`.
   """
   x = np.asarray(x, np.float32)
   y = np.asarray(y, np.int32)
@@ -224,6 +242,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     names = VERSION_ATTACKS.get(version, ())
   norm = attacks.norm_name(norm)
   _check_settings(x, y, eps, norm, version, names, batch_size, mesh)
+  runtime.warn_if_slow_cpu()
   fn = _WithParams(apply_fn, randomized, params is not None)
   batch_sharding = sharding.batch_sharding(mesh)
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -246,7 +265,8 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   root = jax.random.key(seed)
   clean_root = jax.random.fold_in(root, len(ATTACKS))
   robust = np.zeros(n, bool)
-  for b, (index, mask) in enumerate(_batches(np.arange(n), batch_size)):
+  n_devices = mesh.devices.size
+  for b, (index, mask) in enumerate(_batches(np.arange(n), batch_size, n_devices)):
     pred = predict(params, jax.device_put(x[index], batch_sharding),
                    jax.random.fold_in(clean_root, b))
     robust[index[mask]] = np.asarray(pred)[mask] == y[index[mask]]
@@ -258,22 +278,32 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   settings = _attack_settings(version, n_iter, n_queries, n_target_classes, eot_iter)
   for stage, name in enumerate(names, start=1):
     tic = time.perf_counter()
-    attack, kw = settings[name]
+    attack, kw, n_runs = settings[name]
     # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
     make = _batch_attack if _hashable(fn) else _batch_attack.__wrapped__
-    run = make(fn, attack, tuple(sorted(kw.items())), norm)
+    run = make(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
-    todo = np.flatnonzero(robust)
-    n_batches = -(-len(todo) // batch_size)
-    for b, (index, mask) in enumerate(tqdm(_batches(todo, batch_size), total=n_batches,
-                                           desc=name, disable=not progress, leave=False)):
-      inputs = jax.device_put((x[index], y[index], mask, index.astype(np.int32)), batch_sharding)
-      adv, broken = run(params, *inputs, jnp.int32(b), attack_key, jnp.float32(eps))
-      broken = np.asarray(broken)
-      hit = index[broken]
-      robust[hit] = False
-      broken_by[hit] = stage
-      x_adv[hit] = np.asarray(adv)[broken]
+    bar = tqdm(desc=name, unit="batch", disable=not progress, leave=False)
+    # Run by run (restarts, targets), each on the examples every earlier run left robust.
+    for r in range(max(n_runs, 1)):
+      todo = np.flatnonzero(robust)
+      if not len(todo):
+        break
+      n_batches = -(-len(todo) // batch_size)
+      bar.total = bar.n + n_batches * (max(n_runs, 1) - r)  # an upper bound, refined each run
+      bar.refresh()
+      for b, (index, mask) in enumerate(_batches(todo, batch_size, n_devices)):
+        inputs = jax.device_put((x[index], y[index], mask, index.astype(np.int32)),
+                                batch_sharding)
+        adv, broken = run(params, *inputs, jnp.int32(b), jnp.int32(r), attack_key,
+                          jnp.float32(eps))
+        broken = np.asarray(broken)
+        hit = index[broken]
+        robust[hit] = False
+        broken_by[hit] = stage
+        x_adv[hit] = np.asarray(adv)[broken]
+        bar.update()
+    bar.close()
     accuracy_after[name] = float(robust.mean())
     seconds[name] = time.perf_counter() - tic
 
@@ -294,22 +324,24 @@ def _hashable(obj) -> bool:
 
 @functools.lru_cache(maxsize=32)
 def _batch_attack(fn: _WithParams, attack: Callable, settings: tuple[tuple[str, object], ...],
-                  norm: Norm) -> Callable:
-  """`(params, x, y, mask, index, batch_number, attack_key, eps) -> (x_adv, broken)` for one
-  padded batch, jitted.
+                  norm: Norm, by_run: bool) -> Callable:
+  """`(params, x, y, mask, index, batch_number, run, attack_key, eps) -> (x_adv, broken)` for one
+  padded batch, jitted; with `by_run`, only run number `run` of the attack's restarts/targets.
 
   Cached per model function, attack and settings, so evaluating the same `apply_fn` again (with
-  other params, another seed or eps) reuses the compilation. `broken` re-checks the attack's
-  claim: misclassified by a fresh forward pass and within eps.
+  other params, another seed or eps) reuses the compilation (one per batch shape). `broken`
+  re-checks the attack's claim: misclassified by a fresh forward pass and within eps.
   """
   @jax.jit
-  def run(params, x, y, mask, index, batch_number, attack_key, eps):
+  def run(params, x, y, mask, index, batch_number, run_number, attack_key, eps):
     model: Model = functools.partial(fn, params)
     example_root, model_root = jax.random.split(attack_key)
     keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, index)
+    model_root = jax.random.fold_in(model_root, run_number)
     model_key, check_key = jax.random.split(jax.random.fold_in(model_root, batch_number))
+    runs = {"runs": (run_number, run_number + 1)} if by_run else {}
     x_adv, fooled = attack(model, x, y, keys, model_key, eps=eps, norm=norm, active=mask,
-                           **dict(settings))
+                           **dict(settings), **runs)
     wrong = argmax_differs(model(x_adv, check_key), y)
     within = distance(x_adv, x, norm) <= eps + _BALL_TOLERANCE
     return x_adv, mask & fooled & wrong & within

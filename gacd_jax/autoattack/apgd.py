@@ -13,7 +13,7 @@ from gacd_jax import losses
 from gacd_jax import attacks
 from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, dlr_loss, dlr_targeted_loss,
                                         example_keys, expand, normalize, nth_largest, project,
-                                        random_start, runs_loop)
+                                        random_start, run_count, runs_loop)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -137,7 +137,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
 def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
          eps: float, norm: Norm = "linf", loss: str = "ce", n_iter: int = 100,
          n_restarts: int = 1, n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75,
-         active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+         active: jax.Array | None = None, runs=None) -> tuple[jax.Array, jax.Array]:
   """APGD on a batch: step size 2 eps halved at the checkpoints of `apgd_checkpoints`.
 
   Args:
@@ -153,6 +153,9 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
       fooled.
     eot_iter: gradients averaged per step over this many draws of the model's randomness.
     active: `[B]` bool, the examples to attack (default all).
+    runs: `(first, stop)`: make only these of the `run_count` runs (restarts, targets), each
+      with the keys it has in the full sequence; lets a caller re-batch the examples still robust
+      between runs (the ensemble driver does). Default: all.
 
   Returns:
     `(x_adv [B, H, W, C], fooled [B])`: the misclassified point where `fooled`, else the
@@ -163,7 +166,7 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
     raise errors.ConfigError(f"unknown APGD loss {loss!r}; use one of {', '.join(APGD_LOSSES)}")
   active = jnp.ones(x.shape[:1], bool) if active is None else active
   targeted = loss == "dlr-targeted"
-  n_runs = n_restarts * (n_target_classes if targeted else 1)
+  runs = (0, run_count(n_restarts, n_target_classes, targeted)) if runs is None else runs
   clean_key, runs_key = jax.random.split(model_key)
   clean_logits = model(x, clean_key)
 
@@ -175,5 +178,5 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
         eps=eps, norm=norm, loss=loss, n_iter=n_iter, eot_iter=eot_iter, rho=rho)
     return jnp.where(expand(fooled, x.ndim), x_best_adv, x_best), fooled, extra
 
-  x_adv, fooled, _ = runs_loop(n_runs, run, x, active)
+  x_adv, fooled, _ = runs_loop(runs, run, x, active)
   return x_adv, fooled

@@ -76,17 +76,22 @@ def argmax_differs(logits: jax.Array, labels: jax.Array) -> jax.Array:
   return jnp.argmax(logits, axis=-1) != labels
 
 
-def runs_loop(n_runs: int, run: Callable, x: jax.Array, active: jax.Array,
-               carry_extra=()):
-  """`run(r, still_active, carry_extra) -> (x_run, fooled_run, carry_extra)` for r < n_runs,
-  each on the examples not fooled yet, stopping early once every example is fooled.
+def run_count(n_restarts: int, n_target_classes: int, targeted: bool) -> int:
+  """The runs of APGD or FAB: one per restart, per target class when targeted."""
+  return n_restarts * (n_target_classes if targeted else 1)
+
+
+def runs_loop(runs, run: Callable, x: jax.Array, active: jax.Array, carry_extra=()):
+  """`run(r, still_active, carry_extra) -> (x_run, fooled_run, carry_extra)` for r in
+  `range(*runs)` (`runs` = (first, stop), traced or not), each on the examples not fooled yet,
+  stopping early once every example is fooled.
 
   Returns `(x_out, fooled, carry_extra)`: an example's `x_out` comes from the run that fooled it,
   else from the last run it took part in.
   """
   def cond(state):
     r, _, fooled, _ = state
-    return (r < n_runs) & jnp.any(active & ~fooled)
+    return (r < stop) & jnp.any(active & ~fooled)
 
   def body(state):
     r, x_out, fooled, extra = state
@@ -95,7 +100,8 @@ def runs_loop(n_runs: int, run: Callable, x: jax.Array, active: jax.Array,
     x_out = jnp.where(expand(running, x.ndim), x_run, x_out)
     return r + 1, x_out, fooled | (running & fooled_run), extra
 
-  init = (jnp.int32(0), x, jnp.zeros(x.shape[:1], bool), carry_extra)
+  first, stop = runs
+  init = (jnp.asarray(first, jnp.int32), x, jnp.zeros(x.shape[:1], bool), carry_extra)
   _, x_out, fooled, extra = jax.lax.while_loop(cond, body, init)
   return x_out, fooled, extra
 

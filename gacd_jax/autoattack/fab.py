@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 from gacd_jax import attacks
 from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, distance, example_keys,
-                                        expand, nth_largest, random_start, runs_loop)
+                                        expand, nth_largest, random_start, run_count, runs_loop)
 
 
 def _water_level(weights: jax.Array, caps: jax.Array, target: jax.Array) -> jax.Array:
@@ -117,7 +117,8 @@ def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_sta
 def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
         eps: float, norm: Norm = "linf", targeted: bool = True, n_iter: int = 100,
         n_restarts: int = 1, n_target_classes: int = 9, alpha_max: float = 0.1, eta: float = 1.05,
-        beta: float = 0.9, active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        beta: float = 0.9, active: jax.Array | None = None,
+        runs=None) -> tuple[jax.Array, jax.Array]:
   """FAB (FAB-T with `targeted`) on a batch: a minimal-norm attack; success needs norm <= eps.
 
   Targeted runs take the classes with the 2nd to (n_target_classes + 1)-th largest clean logit
@@ -131,7 +132,7 @@ def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: ja
   """
   norm = attacks.norm_name(norm)
   active = jnp.ones(x.shape[:1], bool) if active is None else active
-  n_runs = n_restarts * (n_target_classes if targeted else 1)
+  runs = (0, run_count(n_restarts, n_target_classes, targeted)) if runs is None else runs
   clean_key, runs_key = jax.random.split(model_key)
   clean_logits = model(x, clean_key)
 
@@ -152,5 +153,5 @@ def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: ja
     return x_run, fooled, (x_min, dist_min)
 
   init = (x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
-  _, fooled, (x_min, _) = runs_loop(n_runs, run, x, active, init)
+  _, fooled, (x_min, _) = runs_loop(runs, run, x, active, init)
   return x_min, fooled
