@@ -217,6 +217,29 @@ def selection_note(results: dict[str, dict[str, list[float]]]) -> str:
           "the contrastive term are the component ablation, not candidates.")
 
 
+def target_check(results: dict[str, dict[str, list[float]]]) -> str:
+  """Issue #10's target, checked: GACD's mean AutoAttack accuracy at least that of the better of
+  ARD and RSLAD (a shortfall within one standard error of the difference of means counts as met,
+  and says so), with clean accuracy at most 2 points below that method's."""
+  if not all(results.get(m, {}).get("autoattack") for m in ("gacd", "ard", "rslad")):
+    return "Target (GACD vs ARD and RSLAD): not all three have results yet."
+
+  def stats(method, metric):
+    values = 100 * np.asarray(results[method][metric], float)
+    return values.mean(), (values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else 0.0)
+
+  best = max(("ard", "rslad"), key=lambda m: stats(m, "autoattack")[0])
+  (gacd, gacd_se), (base, base_se) = stats("gacd", "autoattack"), stats(best, "autoattack")
+  gap, se = base - gacd, float(np.hypot(gacd_se, base_se))
+  clean_gap = stats(best, "clean")[0] - stats("gacd", "clean")[0]
+  robust = ("met" if gap <= 0 else f"met within one standard error ({gap:.1f} < {se:.1f})"
+            if gap <= se else f"**not met** ({gap:.1f} points below, standard error {se:.1f})")
+  clean = ("met" if clean_gap <= 2 else f"**not met** ({clean_gap:.1f} points below)")
+  return (f"Target: GACD's AutoAttack accuracy {gacd:.1f} vs {best.upper()} {base:.1f} (the better "
+          f"of ARD and RSLAD): {robust}; clean accuracy at most 2 points below "
+          f"{best.upper()}'s ({clean_gap:+.1f} below): {clean}.")
+
+
 def merge_json(path: pathlib.Path, dataset: str, results: dict) -> dict:
   everything = json.loads(path.read_text()) if path.exists() else {}
   everything[dataset] = results
@@ -346,8 +369,8 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
         f"## {dataset}\n\n{source.num_examples} {split} images, Linf eps {d.eps}; students "
         f"small_cnn width {d.student_width}, teacher width {d.teacher_width}; {d.epochs} epochs. "
         f"Accuracy (%), mean ± std over seeds (sample std).\n\n{results_table(results)}\n")
-    if kind == "ablation":
-      sections.append(selection_note(results) + "\n")
+    sections.append((selection_note(results) if kind == "ablation" else target_check(results))
+                    + "\n")
     report.plot_bars({name: {m: [100 * v for v in r.get(m, [])] for m in METRICS}
                       for name, r in in_order(results).items()},
                      out / f"{stem}_{dataset}.png",

@@ -82,3 +82,20 @@ def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_ter
   assert study.selected_variant(results) == "attack=ce, infonce"
   assert "**attack=ce, infonce** (attack_objective='ce', estimator='infonce'" in (
       study.selection_note(results))
+
+
+def test_the_target_check_compares_gacd_with_the_better_of_ard_and_rslad():
+  def entry(aa, clean):
+    return {"autoattack": aa, "clean": clean}
+  results = {"ard": entry([0.40, 0.44], [0.95, 0.95]), "rslad": entry([0.42, 0.46], [0.90, 0.90]),
+             "gacd": entry([0.45, 0.45], [0.89, 0.89])}
+  assert "vs RSLAD 44.0" in study.target_check(results)
+  assert study.target_check(results).count(": met") == 2
+  # 1 point below RSLAD with a standard error of the difference of 2: met within one SE.
+  results["gacd"] = entry([0.43, 0.43], [0.89, 0.89])
+  assert "met within one standard error (1.0 < 2.0)" in study.target_check(results)
+  # 3 points below: not met; 4 points less clean than RSLAD: not met either.
+  results["gacd"] = entry([0.41, 0.41], [0.86, 0.86])
+  check = study.target_check(results)
+  assert "**not met** (3.0 points below" in check and "**not met** (4.0 points below)" in check
+  assert "not all three" in study.target_check({"gacd": entry([0.5], [0.9])})
