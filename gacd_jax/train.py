@@ -289,6 +289,23 @@ def load_teacher(config: ConfigDict, image_shape: tuple[int, ...]) -> Teacher:
   return Teacher(module, variables, info["num_classes"], int(features.shape[-1]), record)
 
 
+def _check_teacher_classes(config: ConfigDict, step: Callable, abstract_state: Any,
+                           teacher: Teacher, source: data.Source) -> None:
+  """A teacher of other classes than the data's suits only a loss that uses its features alone:
+  trace the step once (nothing runs) to find out before anything is written."""
+  example = source.get(np.arange(1))
+  batch = {k: jax.ShapeDtypeStruct((config.train.batch_size, *v.shape[1:]), v.dtype)
+           for k, v in example.items()}
+  try:
+    jax.eval_shape(step, abstract_state, teacher.variables, batch, jax.random.key(0))
+  except (TypeError, ValueError) as e:
+    raise errors.ConfigError(
+        f"the teacher in {config.teacher.workdir} predicts {teacher.num_classes} classes but "
+        f"{config.data.name} has {source.num_classes}; method {config.method.name!r} compares the "
+        "teacher's class probabilities with the student's, so it needs a teacher trained on the "
+        "same classes (crd, or GACD's feature-only form, distils features alone)") from e
+
+
 # ---------------------------------------------------------------------------------------------
 # The loop.
 
@@ -436,25 +453,31 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
   teacher_model = (teacher.model.clone(dtype=dtype, store_conv_inputs=store_conv_inputs)
                    if teacher else None)
 
+  tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
+  info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
+                  steps_per_epoch=steps_per_epoch,
+                  num_classes=source.num_classes,
+                  student_feature_dim=models.feature_dim(model, source.image_shape),
+                  teacher_feature_dim=teacher.feature_dim if teacher else None,
+                  teacher_num_classes=teacher.num_classes if teacher else None)
+  replicated = sharding.replicated(mesh)
+  init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
+                 out_shardings=replicated)
+  rng = jax.random.key(config.seed)
+  init_rng, step_rng = jax.random.split(rng)
+  train_step = make_step(model, method, tx,
+                         AttackSettings.resolve(config.attack, method, steps_per_epoch),
+                         teacher_model, crop_padding=config.data.crop_padding,
+                         flip=config.data.flip)
+  if teacher and teacher.num_classes != source.num_classes:
+    _check_teacher_classes(config, train_step, jax.eval_shape(init, init_rng), teacher, source)
+
   with checkpoints.writer_lock(workdir):
     prepare_workdir(workdir, config, overwrite)
     checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
         "image_shape": list(source.image_shape), "num_classes": source.num_classes,
         "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
         "teacher": teacher.record if teacher else None})
-
-    tx = make_optimizer(config.optim, steps_per_epoch, total_steps)
-    info = InitInfo(num_examples=source.num_examples, train_labels=all_labels(source),
-                    steps_per_epoch=steps_per_epoch,
-                    num_classes=source.num_classes,
-                    student_feature_dim=models.feature_dim(model, source.image_shape),
-                    teacher_feature_dim=teacher.feature_dim if teacher else None,
-                    teacher_num_classes=teacher.num_classes if teacher else None)
-    replicated = sharding.replicated(mesh)
-    init = jax.jit(lambda rng: init_state(rng, model, method, tx, source.image_shape, info),
-                   out_shardings=replicated)
-    rng = jax.random.key(config.seed)
-    init_rng, step_rng = jax.random.split(rng)
 
     start_step = 0
     if checkpoints.latest_step(workdir) is not None:
@@ -467,11 +490,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
       state = init(init_rng)
     teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
 
-    step_fn = jit_step(make_step(model, method, tx, AttackSettings.resolve(config.attack, method,
-                                                                     steps_per_epoch),
-                                 teacher_model,
-                                 crop_padding=config.data.crop_padding, flip=config.data.flip),
-                       mesh)
+    step_fn = jit_step(train_step, mesh)
     batch_sharding = sharding.batch_sharding(mesh)
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     log = MetricsLog(workdir, start_step)

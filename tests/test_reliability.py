@@ -223,6 +223,24 @@ def test_a_start_that_fails_validation_writes_nothing(tmp_path):
   assert checkpoints.latest_step(workdir) == 2
 
 
+def test_a_teacher_of_other_classes_is_refused_by_soft_label_methods_only(tmp_path):
+  teacher = tmp_path / "teacher_0_4"
+  five = helpers.tiny_config("natural")
+  five.data.classes = (0, 1, 2, 3, 4)
+  train.train(five, str(teacher), progress=False, stop_after=1)
+  for method in ("ard", "kd"):
+    workdir = tmp_path / method
+    with pytest.raises(errors.ConfigError,
+                       match=f"predicts 5 classes but digits has 10; method '{method}'"):
+      train.train(helpers.tiny_config(method, teacher_workdir=str(teacher)), str(workdir),
+                  progress=False)
+    assert not workdir.exists()
+  # CRD distils the teacher's features alone: a teacher of other classes serves.
+  train.train(helpers.tiny_config("crd", teacher_workdir=str(teacher)), str(tmp_path / "crd"),
+              progress=False, stop_after=1)
+  assert checkpoints.latest_step(tmp_path / "crd") == 1
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint integrity.
 
