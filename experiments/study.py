@@ -235,9 +235,11 @@ def target_check(results: dict[str, dict[str, list[float]]]) -> str:
   robust = ("met" if gap <= 0 else f"met within one standard error ({gap:.1f} < {se:.1f})"
             if gap <= se else f"**not met** ({gap:.1f} points below, standard error {se:.1f})")
   clean = ("met" if clean_gap <= 2 else f"**not met** ({clean_gap:.1f} points below)")
+  clean_relation = (f"{clean_gap:.1f} points below" if clean_gap > 0 else
+               f"{-clean_gap:.1f} points above")
   return (f"Target: GACD's AutoAttack accuracy {gacd:.1f} vs {best.upper()} {base:.1f} (the better "
           f"of ARD and RSLAD): {robust}; clean accuracy at most 2 points below "
-          f"{best.upper()}'s ({clean_gap:+.1f} below): {clean}.")
+          f"{best.upper()}'s (GACD's is {clean_relation}): {clean}.")
 
 
 def merge_json(path: pathlib.Path, dataset: str, results: dict) -> dict:
