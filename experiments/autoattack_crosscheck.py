@@ -59,17 +59,7 @@ def torch_model(variables):
   net = torch_models.build("small_cnn", 10, width=WIDTH, in_channels=1)
   state = torch_convert.flax_to_torch("small_cnn", variables)
   net.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
-  net.eval()
-
-  class Logits(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.net = net
-
-    def forward(self, x):
-      return self.net(x)[0]
-
-  return Logits().eval()
+  return torch_models.LogitsOnly(net)
 
 
 def run_official(model, x_nchw, y, *, eps: float, version: str, attacks,

@@ -45,20 +45,11 @@ def load() -> tuple:
   state = torch_convert.read_torch_checkpoint(WEIGHTS)
   net = torch_models.build("resnet18", 10)
   net.load_state_dict({k: torch.tensor(v) for k, v in state.items()}, strict=True)
-  net.eval()
-
-  class Logits(torch.nn.Module):
-    def __init__(self):
-      super().__init__()
-      self.net = net
-
-    def forward(self, x):
-      return self.net(x)[0]
 
   variables = torch_convert.torch_to_flax("resnet18", state, 10)
   module = models.build("resnet18", 10, store_conv_inputs=runtime.store_conv_inputs(
       jax.default_backend()))
-  return Logits().eval(), lambda v, x: module.apply(v, x, train=False)[0], variables
+  return torch_models.LogitsOnly(net), lambda v, x: module.apply(v, x, train=False)[0], variables
 
 
 def official(net, x: np.ndarray, y: np.ndarray, version: str, attacks) -> tuple[float, float]:

@@ -297,3 +297,16 @@ def build(name: str, num_classes: int, **kw: Any) -> nn.Module:
       raise ConfigError(f'Model {name!r} has no option {key!r}; its options are: '
                         f'{", ".join(allowed) or "(none)"}.')
   return cls(num_classes, **pinned, **kw)
+
+
+class LogitsOnly(nn.Module):
+  """`net` (which returns `(logits, features)`) as a model of logits alone, in eval mode: what
+  attack packages such as pyautoattack expect."""
+
+  def __init__(self, net: nn.Module):
+    super().__init__()
+    self.net = net
+    self.eval()
+
+  def forward(self, x):
+    return self.net(x)[0]
