@@ -37,7 +37,7 @@ Where this differs from the official code (pyautoattack 0.2.0):
 
 The package: `common` (the DLR losses, norms, projections and the restart loop), `apgd`, `fab`,
 `square`, `checks` (the official package's warnings), and here the ensemble driver `evaluate`
-with its per-batch jit cache.
+with its per-batch jit cache (its clean pass runs through `gacd_jax.evaluator`).
 """
 
 from __future__ import annotations
