@@ -16,11 +16,12 @@ to K. The curve is therefore non-increasing, and it should flatten: if the last 
 steps (e.g. 20 -> 50) still lowers the accuracy by more than 1 percentage point, the attack has not
 converged and the evaluation is too weak to trust.
 
-Everything here runs in one process on its default device: the analyses read a few thousand test
-examples, not a training set, so they are not sharded over a mesh as training and `evaluate` are.
+The models run over the split through `evaluator.map_split`, as `evaluate`'s attacks do: one jit
+per model and batch shape, the batch sharded over the mesh.
 """
 
 import dataclasses
+import functools
 import pathlib
 from typing import Any, Callable, Sequence
 
@@ -34,6 +35,7 @@ from gacd_jax import checkpoints
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import evaluate
+from gacd_jax import evaluator
 from gacd_jax import report
 
 # Column key -> label, in table order.
@@ -97,42 +99,6 @@ def similarity_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
   return jnp.corrcoef(a, b)[0, 1]
 
 
-# ---------------------------------------------------------------------------------------------
-# Running a model over a split.
-
-
-def collect(fn: Callable[[Any, jax.Array, jax.Array, jax.Array], dict[str, jax.Array]],
-            variables: Any, source: data.Source, *, batch_size: int, max_examples: int = 0,
-            seed: int = 0) -> dict[str, np.ndarray]:
-  """Apply `fn` to the first examples of `source`, in order, and gather its per-example outputs.
-
-  Args:
-    fn: `(variables, x [B, H, W, C], y [B], rng) -> {name: [B, ...]}`, jitted here; batch `i`
-      gets `fold_in(key(seed), i)`, as in `evaluate.robust_accuracy`, so attacks start alike.
-    variables: the models' variables, an argument of the jit (not constants baked into it, which
-      would make every run compile anew).
-    source: the split to read.
-    batch_size: examples per call; the last batch is padded to it (one compilation).
-    max_examples: how many examples from the start of the split; 0 for all.
-    seed: the attack key.
-
-  Returns:
-    `{name: [n, ...]}` over the n real examples.
-  """
-  n = min(source.num_examples, max_examples or source.num_examples)
-  jitted = jax.jit(fn)
-  rng = jax.random.key(seed)
-  parts: dict[str, list[np.ndarray]] = {}
-  batches = data.eval_batches(source, global_batch_size=batch_size)
-  for i, batch in zip(range(-(-n // batch_size)), batches):
-    keep = batch["mask"] & (batch["index"] < n)
-    out = jitted(variables, jnp.asarray(batch["image"]), jnp.asarray(batch["label"]),
-                 jax.random.fold_in(rng, i))
-    for name, value in out.items():
-      parts.setdefault(name, []).append(np.asarray(value)[keep])
-  return {name: np.concatenate(values) for name, values in parts.items()}
-
-
 def _settings(config: ConfigDict, max_examples: int) -> evaluate.EvalSettings:
   return dataclasses.replace(evaluate.EvalSettings.from_config(config.eval),
                              max_examples=max_examples)
@@ -163,20 +129,29 @@ def paired_features(student: Any, student_variables: Any, teacher: Any, teacher_
     `{'student_clean', 'teacher_clean', 'student_adv', 'teacher_adv'}`: [n, d_student] or
     [n, d_teacher], n = the first `settings.max_examples` test examples (0: all).
   """
-  attack = evaluate.attack_fn("pgd20", settings)
+  fn = _PairedFeatures(student, teacher, evaluate.attack_fn("pgd20", settings), settings.eps)
+  return evaluator.map_split(fn, (student_variables, teacher_variables), source,
+                             batch_size=settings.batch_size, max_examples=settings.max_examples,
+                             seed=seed)[0]
 
-  def fn(variables, x, y, rng):
+
+@dataclasses.dataclass(frozen=True)
+class _PairedFeatures:
+  """`paired_features` on one batch: the attack against the student at `eps`, fed to both."""
+  student: Any
+  teacher: Any
+  attack: evaluate.AttackFn
+  eps: float
+
+  def __call__(self, variables, x, y, rng):
     student_variables, teacher_variables = variables
-    student_logits = lambda xx: student.apply(student_variables, xx, train=False)[0]
-    x_adv = attack(student_logits, x, y, rng, settings.eps)
+    student_logits = functools.partial(evaluate.logits_fn(self.student), student_variables)
+    x_adv = self.attack(student_logits, x, y, rng, self.eps)
     features = lambda model, model_variables, xx: model.apply(model_variables, xx, train=False)[1]
-    return {"student_clean": features(student, student_variables, x),
-            "teacher_clean": features(teacher, teacher_variables, x),
-            "student_adv": features(student, student_variables, x_adv),
-            "teacher_adv": features(teacher, teacher_variables, x_adv)}
-
-  return collect(fn, (student_variables, teacher_variables), source,
-                 batch_size=settings.batch_size, max_examples=settings.max_examples, seed=seed)
+    return {"student_clean": features(self.student, student_variables, x),
+            "teacher_clean": features(self.teacher, teacher_variables, x),
+            "student_adv": features(self.student, student_variables, x_adv),
+            "teacher_adv": features(self.teacher, teacher_variables, x_adv)}
 
 
 def structure_measures(features: dict[str, np.ndarray]) -> dict[str, float]:
@@ -297,20 +272,29 @@ def steps_curve(apply_fn: evaluate.ApplyFn, variables: Any, source: data.Source,
     One accuracy in [0, 1] per entry of `steps`.
   """
   check_steps(steps)
+  fn = _PGDCheckpoints(apply_fn, settings.eps, settings.pgd_step_size, tuple(steps), start)
+  robust = evaluator.map_split(fn, variables, source, batch_size=settings.batch_size,
+                               max_examples=settings.max_examples, seed=seed)[0]["robust"]
+  return [float(a) for a in robust.mean(axis=0)]
 
-  def fn(variables, x, y, rng):
-    logits_fn = lambda xx: apply_fn(variables, xx)
+
+@dataclasses.dataclass(frozen=True)
+class _PGDCheckpoints:
+  """`steps_curve` on one batch: per example and step count, whether it is still robust."""
+  apply_fn: evaluate.ApplyFn
+  eps: float
+  step_size: float
+  steps: tuple[int, ...]
+  start: attacks.Start
+
+  def __call__(self, variables, x, y, rng):
+    logits_fn = functools.partial(self.apply_fn, variables)
     objective = attacks.cross_entropy_objective(logits_fn, y)
     correct = jnp.stack([
-        logits_fn(attacks.pgd(objective, x, rng, eps=settings.eps,
-                              step_size=settings.pgd_step_size, steps=k, start=start,
-                              unroll=False)).argmax(-1) == y
-        for k in (0, *steps)], axis=1)  # [B, 1 + len(steps)]; 0 steps is the start
+        logits_fn(attacks.pgd(objective, x, rng, eps=self.eps, step_size=self.step_size,
+                              steps=k, start=self.start, unroll=False)).argmax(-1) == y
+        for k in (0, *self.steps)], axis=1)  # [B, 1 + len(steps)]; 0 steps is the start
     return {"robust": jnp.cumprod(correct, axis=1)[:, 1:]}
-
-  robust = collect(fn, variables, source, batch_size=settings.batch_size,
-                   max_examples=settings.max_examples, seed=seed)["robust"]
-  return [float(a) for a in robust.mean(axis=0)]
 
 
 def attack_too_weak(steps: Sequence[int], accuracies: Sequence[float],

@@ -1,11 +1,13 @@
 """Robustness evaluation: accuracy on the test (or validation) split under the standard attacks.
 
 The model is in eval mode and deterministic; attacks with a random start use a fixed key, so two
-evaluations of the same run agree. Every attack is one jit over the mesh (the test batch split on
-`data`); the last batch is padded and masked.
+evaluations of the same run agree. Every attack is one jit over the mesh (`evaluator.map_split`:
+the test batch split on `data`, the last batch padded and masked), compiled once per model,
+attack and batch shape.
 """
 
 import dataclasses
+import functools
 import json
 import pathlib
 import time
@@ -22,9 +24,9 @@ from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
+from gacd_jax import evaluator
 from gacd_jax import report
 from gacd_jax import runtime
-from gacd_jax import sharding
 
 ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (variables, x) -> logits
 AttackFn = Callable[[Callable[[jax.Array], jax.Array], jax.Array, jax.Array, jax.Array, Any],
@@ -49,28 +51,67 @@ class EvalSettings:
     return cls(**{f.name: eval_config[f.name] for f in dataclasses.fields(cls)})
 
 
-def attack_fn(name: str, settings: EvalSettings) -> AttackFn:
-  """The named attack as `(logits_fn, x, y, rng, eps) -> x_adv`. Step sizes scale with eps
-  relative to `settings.eps`, so an eps sweep keeps the step/eps ratio."""
-  def scaled(step_size, eps):
-    return step_size * eps / settings.eps if settings.eps else step_size
+@dataclasses.dataclass(frozen=True)
+class Attack:
+  """A named attack as `(logits_fn, x, y, rng, eps) -> x_adv`, holding only what it computes
+  with, so that equal attacks share their compilations. PGD's step size scales with
+  `eps / reference_eps`, so an eps sweep keeps the step/eps ratio."""
+  name: str
+  steps: int = 0
+  step_size: float = 0.0
+  reference_eps: float = 0.0
 
-  if name == "clean":
-    return lambda f, x, y, rng, eps: x
-  if name == "fgsm":
-    return lambda f, x, y, rng, eps: attacks.fgsm(attacks.cross_entropy_objective(f, y), x,
-                                                  eps=eps)
+  def __post_init__(self):
+    if self.name not in ATTACK_LABELS:
+      raise ValueError(f"unknown attack {self.name!r}; known: {', '.join(ATTACK_LABELS)}")
+
+  def __call__(self, f, x, y, rng, eps):
+    if self.name == "clean":
+      return x
+    if self.name == "fgsm":
+      return attacks.fgsm(attacks.cross_entropy_objective(f, y), x, eps=eps)
+    objective = (attacks.margin_objective if self.name == "cw"
+                 else attacks.cross_entropy_objective)
+    step_size = (self.step_size * eps / self.reference_eps if self.reference_eps
+                 else self.step_size)
+    return attacks.pgd(objective(f, y), x, rng, eps=eps, step_size=step_size, steps=self.steps,
+                       start="uniform", unroll=False)
+
+
+def attack_fn(name: str, settings: EvalSettings | None) -> Attack:
+  """The named attack (a key of `ATTACK_LABELS`) with the steps and step size of `settings`
+  (which 'clean' and 'fgsm' do not need)."""
   if name == "pgd20":
-    return lambda f, x, y, rng, eps: attacks.pgd(
-        attacks.cross_entropy_objective(f, y), x, rng, eps=eps,
-        step_size=scaled(settings.pgd_step_size, eps), steps=settings.pgd_steps,
-        start="uniform", unroll=False)
+    return Attack(name, settings.pgd_steps, settings.pgd_step_size, settings.eps)
   if name == "cw":
-    return lambda f, x, y, rng, eps: attacks.pgd(
-        attacks.margin_objective(f, y), x, rng, eps=eps,
-        step_size=scaled(settings.cw_step_size, eps), steps=settings.cw_steps,
-        start="uniform", unroll=False)
-  raise ValueError(f"unknown attack {name!r}; known: {', '.join(ATTACK_LABELS)}")
+    return Attack(name, settings.cw_steps, settings.cw_step_size, settings.eps)
+  return Attack(name)
+
+
+@dataclasses.dataclass(frozen=True)
+class Logits:
+  """`(variables, x) -> logits` of a Linen module in eval mode. Hashable (modules are), so the
+  evaluations of equal modules share their compilations."""
+  module: Any
+
+  def __call__(self, variables, x):
+    return self.module.apply(variables, x, train=False)[0]
+
+
+def logits_fn(module) -> Logits:
+  """`(variables, x) -> logits` of `module` in eval mode (equal for equal modules)."""
+  return Logits(module)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Correct:
+  """Per example: whether `apply_fn` classifies `attack`'s adversarial example correctly."""
+  apply_fn: ApplyFn
+  attack: AttackFn
+
+  def __call__(self, variables, x, y, rng, eps):
+    f = functools.partial(self.apply_fn, variables)
+    return {"correct": f(self.attack(f, x, y, rng, eps)).argmax(-1) == y}
 
 
 def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, attack: AttackFn,
@@ -78,49 +119,20 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, atta
                     max_examples: int = 0, seed: int = 0, desc: str = "") -> list[float]:
   """Accuracy of `apply_fn` on `source` under `attack`, for each eps (one pass over the data).
 
-  Returns one accuracy in [0, 1] per eps.
+  `apply_fn` and `attack` should be hashable (`Logits`, `Attack`): the jit is cached on them.
+  Batch `i` attacks with the key `fold_in(key(seed), i)`.
+
+  Returns:
+    One accuracy in [0, 1] per eps.
   """
   eps_list = [eps] if isinstance(eps, (int, float)) else list(eps)
   for e in eps_list:
     attacks.check_eps(float(e))
-  mesh = mesh or sharding.make_mesh()
-  sharding.check_batch_size(batch_size, mesh, "eval.batch_size")
-  batch_sharding = sharding.batch_sharding(mesh)
-  replicated = sharding.replicated(mesh)
-
-  @jax.jit
-  def correct(variables, x, y, mask, rng, eps):
-    logits_fn = lambda xx: apply_fn(variables, xx)
-    x_adv = attack(logits_fn, x, y, rng, eps)
-    hits = (logits_fn(x_adv).argmax(-1) == y) & mask
-    return hits.sum(), mask.sum()
-
-  variables = jax.device_put(variables, replicated)
-  rng = jax.random.key(seed)
-  totals = [0] * len(eps_list)
-  count = 0
-  from tqdm import tqdm  # pylint: disable=g-import-not-at-top
-  batches = data.eval_batches(source, global_batch_size=batch_size,
-                              process_index=jax.process_index(),
-                              process_count=jax.process_count())
-  n_batches = -(-source.num_examples // batch_size)
-  if max_examples:
-    n_batches = min(n_batches, -(-max_examples // batch_size))
-  for i, batch in enumerate(tqdm(batches, total=n_batches, desc=desc or "eval", leave=False,
-                                 disable=jax.process_index() != 0)):
-    if i == n_batches:
-      break
-    if max_examples:  # cut the last batch to exactly max_examples
-      batch["mask"] = batch["mask"] & (batch["index"] < max_examples)
-    g = data.to_global(batch, batch_sharding)
-    batch_rng = jax.random.fold_in(rng, i)
-    for j, e in enumerate(eps_list):
-      hits, real = correct(variables, g["image"], g["label"], g["mask"], batch_rng,
-                           jnp.float32(e))
-      totals[j] += hits
-    count += real  # over all hosts' slices of the batch
-  count = int(count)
-  return [float(t) / max(count, 1) for t in totals]
+  results = evaluator.map_split(
+      _Correct(apply_fn, attack), variables, source, batch_size=batch_size,
+      max_examples=max_examples, seed=seed, mesh=mesh,
+      sweep=[(jnp.float32(e),) for e in eps_list], desc=desc or "eval")
+  return [int(r["correct"].sum()) / max(len(r["correct"]), 1) for r in results]
 
 
 def evaluate_model(apply_fn: ApplyFn, variables: Any, source: data.Source,
@@ -144,10 +156,6 @@ def eps_curve(apply_fn: ApplyFn, variables: Any, source: data.Source, settings: 
   return robust_accuracy(apply_fn, variables, source, attack_fn("pgd20", settings),
                          eps=list(eps_values), batch_size=settings.batch_size, mesh=mesh,
                          max_examples=settings.max_examples, desc=f"{desc} eps sweep".strip())
-
-
-def logits_fn(module) -> ApplyFn:
-  return lambda variables, x: module.apply(variables, x, train=False)[0]
 
 
 def test_source(config: ConfigDict, split: str = "") -> data.Source:

@@ -24,6 +24,7 @@ from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import evaluate
+from gacd_jax import evaluator
 from gacd_jax import losses
 from gacd_jax import report
 
@@ -54,10 +55,17 @@ def features_and_labels(module: Any, variables: Any, source: data.Source,
   Returns:
     (float32 [N, D], int32 [N]).
   """
-  out = analysis.collect(
-      lambda v, x, y, rng: {"features": module.apply(v, x, train=False)[1], "label": y},
-      variables, source, batch_size=batch_size)
+  out = evaluator.map_split(_Features(module), variables, source, batch_size=batch_size)[0]
   return out["features"], out["label"]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Features:
+  """The penultimate features of a batch, and its labels."""
+  module: Any
+
+  def __call__(self, variables, x, y, rng):
+    return {"features": self.module.apply(variables, x, train=False)[1], "label": y}
 
 
 def probe_logits(probe_params: dict[str, jax.Array], features: jax.Array) -> jax.Array:
@@ -70,10 +78,17 @@ def end_to_end(module: Any) -> evaluate.ApplyFn:
   """`(variables, x) -> logits` of the probe on the backbone, for
   `variables = {'backbone': run variables, 'probe': probe params}` and x [B, H, W, C] in [0, 1];
   differentiable in x through the backbone."""
-  def apply_fn(variables, x):
-    _, features = module.apply(variables["backbone"], x, train=False)
+  return _EndToEnd(module)
+
+
+@dataclasses.dataclass(frozen=True)
+class _EndToEnd:
+  """`end_to_end`, hashable, so the probes on equal backbones share their compilations."""
+  module: Any
+
+  def __call__(self, variables, x):
+    _, features = self.module.apply(variables["backbone"], x, train=False)
     return probe_logits(variables["probe"], features)
-  return apply_fn
 
 
 def train_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,

@@ -37,7 +37,7 @@ Where this differs from the official code (pyautoattack 0.2.0):
 
 The package: `common` (the DLR losses, norms, projections and the restart loop), `apgd`, `fab`,
 `square`, `checks` (the official package's warnings), and here the ensemble driver `evaluate`
-with its per-batch jit cache.
+with its per-batch jit cache (its clean pass runs through `gacd_jax.evaluator`).
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from tqdm import tqdm
 
 from gacd_jax import attacks
 from gacd_jax import errors
+from gacd_jax import evaluator
 from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax.autoattack.apgd import APGD_LOSSES, apgd, apgd_checkpoints
@@ -261,15 +262,15 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   n_target_classes = min(n_target_classes, n_classes - 1)
 
   tic = time.perf_counter()
-  predict = jax.jit(lambda p, xx, key: jnp.argmax(fn(p, xx, key), -1))
   root = jax.random.key(seed)
-  clean_root = jax.random.fold_in(root, len(ATTACKS))
-  robust = np.zeros(n, bool)
   n_devices = mesh.devices.size
-  for b, (index, mask) in enumerate(_batches(np.arange(n), batch_size, n_devices)):
-    pred = predict(params, jax.device_put(x[index], batch_sharding),
-                   jax.random.fold_in(clean_root, b))
-    robust[index[mask]] = np.asarray(pred)[mask] == y[index[mask]]
+  batches = ({"image": x[index], "label": y[index], "mask": mask, "index": index}
+             for index, mask in _batches(np.arange(n, dtype=np.int32), batch_size, n_devices))
+  clean = evaluator.map_batches(
+      _Predict(fn), params, (jax.device_put(b, batch_sharding) for b in batches),
+      rng=jax.random.fold_in(root, len(ATTACKS)), mesh=mesh)[0]
+  robust = np.zeros(n, bool)
+  robust[clean["index"]] = clean["prediction"] == y[clean["index"]]
   clean_accuracy = float(robust.mean())
   broken_by = np.where(robust, -1, 0)
   x_adv = x.copy()
@@ -312,6 +313,15 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
       robust_accuracy=float(robust.mean()), clean_accuracy=clean_accuracy,
       x_adv=x_adv, robust=robust, broken_by=broken_by, attacks=names,
       accuracy_after=accuracy_after, seconds=seconds, version=version, norm=norm, eps=eps)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Predict:
+  """The predicted class of each example of a batch (`evaluator.map_batches`' function)."""
+  fn: _WithParams
+
+  def __call__(self, params, x, y, key):
+    return {"prediction": jnp.argmax(self.fn(params, x, key), -1)}
 
 
 def _hashable(obj) -> bool:
