@@ -169,6 +169,11 @@ def validate(c: ConfigDict) -> None:
   if c.attack.eps_warmup_epochs < 0:
     raise errors.ConfigError(
         f"config.attack.eps_warmup_epochs={c.attack.eps_warmup_epochs} must be >= 0 (0: off)")
+  _check_optim(c.optim)
+  if not isinstance(c.eval.max_examples, int) or c.eval.max_examples < 0:
+    raise errors.ConfigError(
+        f"config.eval.max_examples={c.eval.max_examples!r} must be an integer >= 0 (0: the whole "
+        "split)")
   if c.attack.steps < 0 or c.eval.pgd_steps < 0 or c.eval.cw_steps < 0:
     raise errors.ConfigError("attack step counts must be >= 0")
   for key in ("eval.autoattack_n_iter", "eval.autoattack_n_queries"):
@@ -253,6 +258,31 @@ def check_key(c: ConfigDict, key: str, flag: str) -> None:
       raise errors.ConfigError(f"{flag}: {where} has no key {part!r}; {hint}")
     node = node[part]
     path.append(part)
+
+
+def _check_optim(optim: ConfigDict) -> None:
+  """SGD's settings: a positive learning rate, momentum in [0, 1), a non-negative weight decay,
+  and the piecewise schedule's milestones (epochs >= 0) and positive decay factor, checked
+  whatever the schedule: a malformed value is a mistake even where it is unused."""
+  def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number(optim.lr) or not optim.lr > 0:
+    raise errors.ConfigError(f"config.optim.lr={optim.lr!r} must be a positive number, e.g. 0.1")
+  if not number(optim.momentum) or not 0 <= optim.momentum < 1:
+    raise errors.ConfigError(
+        f"config.optim.momentum={optim.momentum!r} must be in [0, 1) (0: plain SGD)")
+  if not number(optim.weight_decay) or not optim.weight_decay >= 0:
+    raise errors.ConfigError(
+        f"config.optim.weight_decay={optim.weight_decay!r} must be a number >= 0")
+  milestones = optim.milestones
+  if (not isinstance(milestones, (tuple, list))
+      or not all(number(m) and m >= 0 for m in milestones)):
+    raise errors.ConfigError(
+        f"config.optim.milestones={milestones!r} must be epochs (numbers >= 0), e.g. "
+        "--config.optim.milestones='(100, 150)'")
+  if not number(optim.decay_factor) or not optim.decay_factor > 0:
+    raise errors.ConfigError(
+        f"config.optim.decay_factor={optim.decay_factor!r} must be a positive number, e.g. 0.1")
 
 
 def to_json(c: ConfigDict) -> str:
