@@ -216,6 +216,7 @@ def _run_analyse():
       raise errors.ConfigError(f"--steps={','.join(f.steps)} must be integers, "
                                "e.g. --steps=1,2,5,10,20,50") from None
     analysis.check_steps(steps)
+  checkpoints.check_writable(f.out, "--out")  # before minutes of attacks, not after
   # The data and the attack come from --config, else from the first run's own config.
   config = _required_config() if f.config is not None else checkpoints.read_config(f.runs[0])
   if f.structure:
