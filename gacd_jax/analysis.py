@@ -100,17 +100,11 @@ def similarity_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
 
 
 def _settings(config: ConfigDict, max_examples: int) -> evaluate.EvalSettings:
+  if not isinstance(max_examples, int) or max_examples < 0:
+    raise errors.ConfigError(
+        f"max_examples={max_examples!r} must be an integer >= 0 (0: the whole test split)")
   return dataclasses.replace(evaluate.EvalSettings.from_config(config.eval),
                              max_examples=max_examples)
-
-
-def check_channels(workdir: str, source: data.Source) -> None:
-  """A model runs on any image size (global pooling) but not on another channel count."""
-  channels = checkpoints.read_run_info(workdir)["image_shape"][-1]
-  if channels != source.image_shape[-1]:
-    raise errors.ConfigError(
-        f"the model in {workdir} takes {channels}-channel images but {source.name} has "
-        f"{source.image_shape[-1]}; set config.data.channels={channels}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,11 +185,15 @@ def analyse_runs(run_dirs: Sequence[str], teacher_dir: str, config: ConfigDict, 
   """
   source = evaluate.test_source(config)
   settings = _settings(config, max_examples)
-  check_channels(teacher_dir, source)
+  if 0 < max_examples < 3:
+    raise errors.ConfigError(
+        f"max_examples={max_examples}: the similarity correlation compares pairs of examples "
+        "and needs at least 3; use more (0: the whole test split)")
+  evaluate.check_channels(teacher_dir, source)
   teacher, teacher_variables = checkpoints.load_model(teacher_dir)
   rows = []
   for run in run_dirs:
-    check_channels(run, source)
+    evaluate.check_channels(run, source)
     student, student_variables = checkpoints.load_model(run)
     features = paired_features(student, student_variables, teacher, teacher_variables, source,
                                settings, seed=config.seed)
@@ -326,7 +324,7 @@ def curve_runs(run_dirs: Sequence[str], config: ConfigDict, *,
   settings = _settings(config, max_examples)
   rows = []
   for run in run_dirs:
-    check_channels(run, source)
+    evaluate.check_channels(run, source)
     module, variables = checkpoints.load_model(run)
     apply_fn = evaluate.logits_fn(module)
     name = pathlib.Path(run).name

@@ -19,6 +19,7 @@ import json
 import os
 import pathlib
 import socket
+import tempfile
 from typing import Any, Iterator
 
 import jax
@@ -53,14 +54,20 @@ def read_json(path: str | os.PathLike) -> Any:
     raise errors.CheckpointError(f"{path} is corrupt ({e}); restore it or start a new run") from e
 
 
-def read_config(workdir: str | os.PathLike) -> ConfigDict:
-  """The config a run was made with."""
-  workdir = pathlib.Path(workdir)
-  path = workdir / CONFIG_FILE
+def _check_run_dir(workdir: pathlib.Path) -> None:
+  if workdir.is_file():
+    raise errors.CheckpointError(f"{workdir} is a file, not a run directory")
   if not workdir.is_dir():
     raise errors.CheckpointError(
         f"run directory {workdir} does not exist; train one with `gacd-jax train` or import a "
         "PyTorch teacher with `gacd-jax import-teacher`")
+
+
+def read_config(workdir: str | os.PathLike) -> ConfigDict:
+  """The config a run was made with."""
+  workdir = pathlib.Path(workdir)
+  path = workdir / CONFIG_FILE
+  _check_run_dir(workdir)
   if not path.is_file():
     raise errors.CheckpointError(
         f"{workdir} holds no {CONFIG_FILE}, so it is not a run directory written by gacd-jax")
@@ -68,10 +75,32 @@ def read_config(workdir: str | os.PathLike) -> ConfigDict:
 
 
 def read_run_info(workdir: str | os.PathLike) -> dict:
+  """What the run derived (run.json): image shape, number of classes, the teacher's source."""
+  _check_run_dir(pathlib.Path(workdir))
   path = pathlib.Path(workdir) / RUN_FILE
   if not path.is_file():
     raise errors.CheckpointError(f"{path} is missing; the run directory is incomplete")
   return read_json(path)
+
+
+def check_writable(directory: str | os.PathLike, flag: str, *, create: bool = True) -> None:
+  """Raise `WorkdirError` naming `flag` unless this process can create files in `directory`
+  (created first, with its parents, if `create`): found before a command spends minutes on
+  results it could not save. Writes a temporary file, as permission bits do not tell (root, a
+  read-only mount, an immutable directory)."""
+  directory = pathlib.Path(directory)
+  if directory.exists() and not directory.is_dir():
+    raise errors.WorkdirError(f"{flag} {directory} is a file, not a directory; choose another")
+  if not create and not directory.is_dir():
+    raise errors.WorkdirError(
+        f"{flag}: the directory {directory} does not exist; create it or choose another {flag}")
+  try:
+    directory.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryFile(dir=directory):
+      pass
+  except OSError as e:
+    raise errors.WorkdirError(
+        f"cannot write to {directory}: {e.strerror or e}; choose another {flag}") from e
 
 
 @contextlib.contextmanager
@@ -89,10 +118,8 @@ def writer_lock(workdir: str | os.PathLike) -> Iterator[None]:
   if jax.process_index() != 0:
     yield
     return
-  if workdir.exists() and not workdir.is_dir():
-    raise errors.WorkdirError(f"--workdir {workdir} is a file, not a directory; choose another")
+  check_writable(workdir, "--workdir")
   try:
-    workdir.mkdir(parents=True, exist_ok=True)
     fd = os.open(workdir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
   except OSError as e:
     raise errors.WorkdirError(
@@ -299,5 +326,5 @@ def load_model(workdir: str | os.PathLike, *,
   if problems:
     raise errors.CheckpointError(
         f"the parameters in {workdir} do not fit a {cfg.model.name} with "
-        f"{info['num_classes']} classes:\n  " + "\n  ".join(problems[:20]))
+        f"{info['num_classes']} classes: " + "; ".join(problems[:20]))
   return module, jax.tree.map(np.asarray, variables)

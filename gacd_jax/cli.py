@@ -9,8 +9,9 @@ a misspelt `--config.key` is an error rather than a silent no-op. A user error (
 printed as one message with a non-zero exit and no traceback.
 """
 
+import re
 import sys
-from typing import Callable
+from typing import Callable, NamedTuple
 
 from absl import flags
 from absl import logging
@@ -40,10 +41,36 @@ commands:
 """
 
 
-def _config_flag():
+class _ConfigFileParser(flags.ArgumentParser):
+  """Reads --config FILE[:ARG] with `config.load_file` and checks that every --config.KEY=VALUE
+  override in `argv` names a key of it, so that a config file that fails and a misspelt key are
+  each one `ConfigError` (config_flags lets the first escape as a traceback and reports the
+  second as a bare KeyError)."""
+
+  def __init__(self, argv: list[str]):
+    self._argv = argv
+
+  def parse(self, argument):
+    from gacd_jax import config as config_lib  # pylint: disable=g-import-not-at-top
+    config = config_lib.load_file(argument)
+    for arg in self._argv:
+      match = re.match(r"-{1,2}(?:no)?config\.([^=]*)", arg)
+      if match:
+        config_lib.check_key(config, match.group(1), arg)
+    return config
+
+  def flag_type(self):
+    return "config file"
+
+
+def _config_flag(argv: list[str]) -> None:
+  """--config FILE[:ARG], whose `--config.key=value` overrides are read from `argv` (not
+  sys.argv, so that `main(argv)` called from Python sees its own overrides)."""
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  config_flags.DEFINE_config_file("config", None, "experiment config file (configs/*.py), "
-                                  "optionally with :ARG", lock_config=True)
+  holder = config_flags.DEFINE_config_file(
+      "config", None, "experiment config file (configs/*.py), optionally with :ARG",
+      lock_config=True, sys_argv=argv)
+  flags.FLAGS[holder.name].parser = _ConfigFileParser(argv)
 
 
 def _distributed_flags():
@@ -58,6 +85,11 @@ def _distributed_flags():
 def _initialize_distributed():
   """Join the other processes before anything touches a device."""
   if not flags.FLAGS.distributed:
+    given = [f"--{name}" for name in ("coordinator", "num_processes", "process_id")
+             if flags.FLAGS[name].present]
+    if given:
+      raise errors.ConfigError(
+          f"{' and '.join(given)} only take effect with --distributed; add it, or drop them")
     return
   import jax  # pylint: disable=g-import-not-at-top
   if jax.config.jax_platforms in (None, "", "cpu") and flags.FLAGS.coordinator:
@@ -73,7 +105,6 @@ def _initialize_distributed():
 
 
 def _define_train():
-  _config_flag()
   _distributed_flags()
   flags.DEFINE_string("workdir", None, "run directory (checkpoints, logs)", required=True)
   flags.DEFINE_bool("overwrite", False, "replace a run of a different config in --workdir")
@@ -90,7 +121,6 @@ def _run_train():
 
 
 def _define_evaluate():
-  _config_flag()
   _distributed_flags()
   flags.DEFINE_string("workdir", None, "run directory to evaluate", required=True)
   flags.DEFINE_bool("progress", True, "show progress bars")
@@ -160,7 +190,6 @@ def _run_export_torch():
 
 
 def _define_analyse():
-  _config_flag()
   flags.DEFINE_list("runs", None, "comma-separated run directories: --runs=DIR_A,DIR_B",
                     required=True)
   flags.DEFINE_string("out", None, "directory for structure.* and curves.*", required=True)
@@ -187,6 +216,7 @@ def _run_analyse():
       raise errors.ConfigError(f"--steps={','.join(f.steps)} must be integers, "
                                "e.g. --steps=1,2,5,10,20,50") from None
     analysis.check_steps(steps)
+  checkpoints.check_writable(f.out, "--out")  # before minutes of attacks, not after
   # The data and the attack come from --config, else from the first run's own config.
   config = _required_config() if f.config is not None else checkpoints.read_config(f.runs[0])
   if f.structure:
@@ -199,7 +229,6 @@ def _run_analyse():
 
 
 def _define_probe():
-  _config_flag()
   flags.DEFINE_string("workdir", None, "run whose frozen features to probe", required=True)
   flags.DEFINE_string("out", None, "directory for probe.json and probe.md", required=True)
   flags.DEFINE_integer("train_steps", 500, "Adam steps of the probe's training")
@@ -223,21 +252,23 @@ def _required_config():
   config = flags.FLAGS.config
   if config is None:
     raise errors.ConfigError("--config is required, e.g. --config configs/digits.py")
-  try:
-    config.keys()  # config_flags defers a failed load until the config is first used
-  except OSError as e:
-    raise errors.ConfigError(f"cannot load the config: {e}") from e
-  return config
+  return config  # loaded and checked by _ConfigFileParser
 
 
-COMMANDS: dict[str, tuple[Callable[[], None], Callable[[], None]]] = {
-    "demo": (_define_demo, _run_demo),
-    "train": (_define_train, _run_train),
-    "evaluate": (_define_evaluate, _run_evaluate),
-    "import-teacher": (_define_import_teacher, _run_import_teacher),
-    "export-torch": (_define_export_torch, _run_export_torch),
-    "analyse": (_define_analyse, _run_analyse),
-    "probe": (_define_probe, _run_probe),
+class Command(NamedTuple):
+  define: Callable[[], None]  # defines the command's flags
+  run: Callable[[], None]     # runs it with the parsed flags
+  config: bool = False        # whether it takes --config FILE and --config.key=value overrides
+
+
+COMMANDS: dict[str, Command] = {
+    "demo": Command(_define_demo, _run_demo),
+    "train": Command(_define_train, _run_train, config=True),
+    "evaluate": Command(_define_evaluate, _run_evaluate, config=True),
+    "import-teacher": Command(_define_import_teacher, _run_import_teacher),
+    "export-torch": Command(_define_export_torch, _run_export_torch),
+    "analyse": Command(_define_analyse, _run_analyse, config=True),
+    "probe": Command(_define_probe, _run_probe, config=True),
 }
 
 
@@ -248,48 +279,59 @@ def _fail(message: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
   argv = list(sys.argv if argv is None else argv)
-  if len(argv) < 2 or argv[1] in ("-h", "--help", "help"):
+  if len(argv) >= 2 and argv[1] in ("-h", "--help", "help"):
     print(USAGE)
-    sys.exit(0 if len(argv) >= 2 else 2)
+    sys.exit(0)
+  if len(argv) < 2:
+    print(USAGE)
+    _fail(f"no command given; commands: {', '.join(COMMANDS)}")
   command = argv[1]
   if command not in COMMANDS:
     _fail(f"unknown command {command!r}; commands: {', '.join(COMMANDS)}")
   runtime.configure()
-  define, run = COMMANDS[command]
-  define()
-  if {"-h", "--help", "--helpshort"} & set(argv[2:]):
-    print(f"usage: gacd-jax {command} [flags]\n\n" + flags.FLAGS.module_help(sys.modules[__name__]))
-    sys.exit(0)
-
-  extra = _parse_or_fail([f"gacd-jax {command}"] + argv[2:])
-  if len(extra) > 1:
-    _fail(f"unexpected arguments {' '.join(extra[1:])!r}; flags look like --name=value")
-  logging.use_absl_handler()
-  logging.set_verbosity(logging.WARNING)
+  spec = COMMANDS[command]
+  # The command's flags live in absl's global FLAGS for this call only, so that main can be
+  # called again in the same process (tests, notebooks) without redefining them.
+  defined_before = set(flags.FLAGS)
   try:
-    run()
-  except errors.GacdError as e:
-    _fail(str(e))
+    command_argv = [f"gacd-jax {command}"] + argv[2:]
+    if spec.config:
+      _config_flag(command_argv)
+    spec.define()
+    if {"-h", "--help", "--helpshort"} & set(argv[2:]):
+      print(f"usage: gacd-jax {command} [flags]\n\n"
+            + flags.FLAGS.module_help(sys.modules[__name__]))
+      sys.exit(0)
+
+    extra = _parse_or_fail(command_argv)
+    if len(extra) > 1:
+      _fail(f"unexpected arguments {' '.join(extra[1:])!r}; flags look like --name=value")
+    for name in sorted(set(flags.FLAGS) - defined_before):
+      if flags.FLAGS[name].present and flags.FLAGS[name].value in ("", []):
+        _fail(f"--{name} is empty; give it a value (`gacd-jax {command} --help` lists the flags)")
+    logging.use_absl_handler()
+    logging.set_verbosity(logging.WARNING)
+    try:
+      spec.run()
+    except errors.GacdError as e:
+      _fail(str(e))
+  finally:
+    for name in set(flags.FLAGS) - defined_before:
+      delattr(flags.FLAGS, name)
 
 
 def _parse_or_fail(argv: list[str]) -> list[str]:
-  """Parse the flags, so that a bad flag or config override is one clear message; return the
-  arguments left over.
-
-  config_flags reports an override of a key the config does not have as a bare AttributeError or
-  KeyError from inside its parser; here it becomes a message naming the flag.
-  """
+  """Parse the flags, so that a bad flag, config file or config override is one line; return
+  the arguments left over."""
   try:
     return flags.FLAGS(argv)
-  except errors.GacdError as e:  # raised by a config file's get_config
+  except errors.GacdError as e:  # a config file that fails, or an override of no key
     _fail(str(e))
   except flags.Error as e:
-    _fail(f"{e}\n(`{argv[0]} --help` lists the flags)")
-  except (AttributeError, KeyError) as e:
-    key = str(e).strip("\"'")
-    culprits = [a for a in argv[1:] if a.startswith("--config.") and key in a]
-    _fail(f"the config has no key {key!r} (in {culprits[0] if culprits else 'a --config flag'}); "
-          "check the spelling against the config file")
+    message = " ".join(str(e).split()).rstrip(".")
+    required = re.search(r"Flag (--\w+) must have a value other than None", message)
+    _fail(f"{required.group(1) + ' is required' if required else message}; "
+          f"`{argv[0]} --help` lists the flags")
 
 
 if __name__ == "__main__":

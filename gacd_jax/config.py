@@ -5,7 +5,13 @@ Every method's switches are present in every config (under `method.<name>`), so
 once, up front, by `validate`, with messages that name the key and the fix.
 """
 
+import difflib
+import importlib.machinery
+import importlib.util
 import json
+import pathlib
+import sys
+import traceback
 
 import jax.numpy as jnp
 
@@ -163,10 +169,120 @@ def validate(c: ConfigDict) -> None:
   if c.attack.eps_warmup_epochs < 0:
     raise errors.ConfigError(
         f"config.attack.eps_warmup_epochs={c.attack.eps_warmup_epochs} must be >= 0 (0: off)")
+  _check_optim(c.optim)
+  if not isinstance(c.eval.max_examples, int) or c.eval.max_examples < 0:
+    raise errors.ConfigError(
+        f"config.eval.max_examples={c.eval.max_examples!r} must be an integer >= 0 (0: the whole "
+        "split)")
   if c.attack.steps < 0 or c.eval.pgd_steps < 0 or c.eval.cw_steps < 0:
     raise errors.ConfigError("attack step counts must be >= 0")
   for key in ("eval.autoattack_n_iter", "eval.autoattack_n_queries"):
     _positive(c.eval[key.split(".")[1]], key)
+
+
+def load_file(spec: str) -> ConfigDict:
+  """`get_config()` of a config file, locked: `spec` is 'FILE', or 'FILE:ARG' for
+  `get_config('ARG')` (as ml_collections' config_flags reads `--config`).
+
+  Every way a config file can fail (missing, a syntax error, an exception while it runs, no
+  `get_config`, a result that is not a ConfigDict) raises one `ConfigError` naming the file and,
+  for an exception, its type, message and where it was raised; a `GacdError` from `get_config`
+  (e.g. an unknown method after ':') passes through unchanged.
+  """
+  path, *args = spec.split(":", 1)
+  if not path:
+    raise errors.ConfigError("--config is empty; name a config file, e.g. "
+                             "--config=configs/digits.py")
+  file = pathlib.Path(path)
+  if not file.is_file():
+    problem = "is a directory" if file.is_dir() else "does not exist"
+    raise errors.ConfigError(f"config file {path} {problem}; name a config file, e.g. "
+                             "--config=configs/digits.py")
+  # Loaded as config_flags loads it: any file name, registered as the module 'config_config'.
+  loader = importlib.machinery.SourceFileLoader("config_config", str(file))
+  module = importlib.util.module_from_spec(importlib.util.spec_from_loader(loader.name, loader))
+  sys.modules[loader.name] = module
+  try:
+    loader.exec_module(module)
+  except SyntaxError as e:
+    raise errors.ConfigError(
+        f"config file {path} has a syntax error at line {e.lineno}: {e.msg}") from e
+  except errors.GacdError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.ConfigError(f"config file {path} failed while loading: {_raised(e)}") from e
+  get_config = getattr(module, "get_config", None)
+  if not callable(get_config):
+    raise errors.ConfigError(
+        f"config file {path} defines no get_config(); a config file defines get_config() "
+        "returning a ConfigDict (see configs/digits.py)")
+  call = f"get_config({', '.join(map(repr, args))})"
+  try:
+    config = get_config(*args)
+  except errors.GacdError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise errors.ConfigError(f"{call} of config file {path} failed: {_raised(e)}") from e
+  if not isinstance(config, ConfigDict):
+    raise errors.ConfigError(
+        f"{call} of config file {path} returned {type(config).__name__} {config!r:.40}, not a "
+        "ConfigDict; return one (e.g. gacd_jax.config.default() with your changes)")
+  config.lock()
+  return config
+
+
+def _raised(e: BaseException) -> str:
+  """`Type: message (at file:line)` on one line, the place being the innermost frame outside
+  this module (none when `load_file`'s own call failed, e.g. get_config given no argument)."""
+  message = " ".join(str(e).split())
+  frames = [f for f in traceback.extract_tb(e.__traceback__) if f.filename != __file__]
+  at = f" (at {frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+  return f"{type(e).__name__}: {message}{at}"
+
+
+def check_key(c: ConfigDict, key: str, flag: str) -> None:
+  """Raise `ConfigError` unless the dotted `key` (e.g. 'train.epochs') names a value of `c`;
+  `flag` is the command-line argument that set it, for the message."""
+  node, path = c, []
+  for part in key.split("."):
+    if not isinstance(node, ConfigDict):
+      section = "config." + ".".join(path)
+      example = f"; set it whole, e.g. --{section}='{node!r}'" if isinstance(node, tuple) else ""
+      raise errors.ConfigError(
+          f"{flag}: {section} is a single value ({node!r}), not a section with keys{example}")
+    if part not in node:
+      close = difflib.get_close_matches(part, list(node.keys()), n=1)
+      hint = (f"did you mean config.{'.'.join(path + close)}?" if close else
+              f"its keys are {', '.join(sorted(node.keys()))}")
+      where = f"config.{'.'.join(path)}" if path else "the config"
+      raise errors.ConfigError(f"{flag}: {where} has no key {part!r}; {hint}")
+    node = node[part]
+    path.append(part)
+
+
+def _check_optim(optim: ConfigDict) -> None:
+  """SGD's settings: a positive learning rate, momentum in [0, 1), a non-negative weight decay,
+  and the piecewise schedule's milestones (epochs >= 0) and positive decay factor, checked
+  whatever the schedule: a malformed value is a mistake even where it is unused."""
+  def number(value):
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+  if not number(optim.lr) or not optim.lr > 0:
+    raise errors.ConfigError(f"config.optim.lr={optim.lr!r} must be a positive number, e.g. 0.1")
+  if not number(optim.momentum) or not 0 <= optim.momentum < 1:
+    raise errors.ConfigError(
+        f"config.optim.momentum={optim.momentum!r} must be in [0, 1) (0: plain SGD)")
+  if not number(optim.weight_decay) or not optim.weight_decay >= 0:
+    raise errors.ConfigError(
+        f"config.optim.weight_decay={optim.weight_decay!r} must be a number >= 0")
+  milestones = optim.milestones
+  if (not isinstance(milestones, (tuple, list))
+      or not all(number(m) and m >= 0 for m in milestones)):
+    raise errors.ConfigError(
+        f"config.optim.milestones={milestones!r} must be epochs (numbers >= 0), e.g. "
+        "--config.optim.milestones='(100, 150)'")
+  if not number(optim.decay_factor) or not optim.decay_factor > 0:
+    raise errors.ConfigError(
+        f"config.optim.decay_factor={optim.decay_factor!r} must be a positive number, e.g. 0.1")
 
 
 def to_json(c: ConfigDict) -> str:

@@ -12,6 +12,7 @@ import time
 
 from ml_collections import ConfigDict
 
+from gacd_jax import checkpoints
 from gacd_jax import evaluate
 from gacd_jax import recipes
 from gacd_jax import report
@@ -51,7 +52,7 @@ def demo_configs(workdir: pathlib.Path, smoke: bool) -> dict[str, ConfigDict]:
 def run(workdir: str, *, smoke: bool = False, progress: bool = True) -> str:
   """Train and evaluate the demo's runs under `workdir`; return the markdown table."""
   root = pathlib.Path(workdir)
-  root.mkdir(parents=True, exist_ok=True)
+  checkpoints.check_writable(root, "--workdir")
   configs = demo_configs(root, smoke)
   tic = time.perf_counter()
   results = {}

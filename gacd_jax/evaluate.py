@@ -158,6 +158,25 @@ def eps_curve(apply_fn: ApplyFn, variables: Any, source: data.Source, settings: 
                          max_examples=settings.max_examples, desc=f"{desc} eps sweep".strip())
 
 
+def check_channels(workdir: str, source: data.Source) -> None:
+  """A model runs on any image size (global pooling) but not on another channel count."""
+  channels = checkpoints.read_run_info(workdir)["image_shape"][-1]
+  if channels != source.image_shape[-1]:
+    raise errors.ConfigError(
+        f"the model in {workdir} takes {channels}-channel images but {source.name} has "
+        f"{source.image_shape[-1]}; set config.data.channels={channels}")
+
+
+def check_classes(workdir: str, source: data.Source) -> None:
+  """Accuracy is only meaningful on the labels the model predicts: the same number of classes."""
+  num_classes = checkpoints.read_run_info(workdir)["num_classes"]
+  if num_classes != source.num_classes:
+    raise errors.ConfigError(
+        f"the model in {workdir} predicts {num_classes} classes but {source.name} "
+        f"{source.split} has {source.num_classes}; evaluate on the data the model was trained "
+        "on (its config.json), e.g. with the same config.data.classes")
+
+
 def test_source(config: ConfigDict, split: str = "") -> data.Source:
   """The split of `config.data` that evaluation reads: `split`, else `config.eval.split`."""
   return data.from_config(config.data, split or config.eval.split, seed=config.seed)
@@ -204,6 +223,10 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   module, variables = checkpoints.load_model(
       workdir, store_conv_inputs=runtime.store_conv_inputs(jax.default_backend()))
   source = test_source(config)
+  check_channels(workdir, source)
+  check_classes(workdir, source)
+  if jax.process_index() == 0:  # before the attacks run, not when their results are written
+    checkpoints.check_writable(workdir, "--workdir")
   settings = EvalSettings.from_config(config.eval)
   workdir = pathlib.Path(workdir)
   name = workdir.name

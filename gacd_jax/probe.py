@@ -163,10 +163,11 @@ def run_probe(workdir: str, config: ConfigDict, out_dir: str,
   if unknown or not attacks:
     raise errors.ConfigError(f"unknown attacks {unknown}; use some of "
                              f"{', '.join(evaluate.ATTACK_LABELS)}")
+  checkpoints.check_writable(out_dir, "--out")
   module, variables = checkpoints.load_model(workdir)
   train_source = evaluate.test_source(config, "train")
   test_source = evaluate.test_source(config)
-  analysis.check_channels(workdir, train_source)
+  evaluate.check_channels(workdir, train_source)
 
   features, labels = features_and_labels(module, variables, train_source,
                                          settings.feature_batch_size)

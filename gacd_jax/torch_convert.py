@@ -128,9 +128,9 @@ def _flat_variables(variables: Mapping[str, Any]) -> dict[tuple[str, ...], Any]:
 
 
 def _listing(kind: str, lines: list[str]) -> list[str]:
-  shown = [f"  {kind} {line}" for line in lines[:_MAX_LISTED]]
+  shown = [f"{kind} {line}" for line in lines[:_MAX_LISTED]]
   if len(lines) > _MAX_LISTED:
-    shown.append(f"  ... and {len(lines) - _MAX_LISTED} more")
+    shown.append(f"... and {len(lines) - _MAX_LISTED} more")
   return shown
 
 
@@ -189,8 +189,8 @@ def torch_to_flax(arch: str, state_dict: Mapping[str, np.ndarray], num_classes: 
     raise errors.CheckpointError(
         f"the PyTorch weights do not fit a {arch} with {num_classes} classes{options} "
         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape); "
-        "check the architecture, its options and the number of classes:\n"
-        + "\n".join(_listing("missing", missing) + _listing("unexpected", unexpected)
+        "check the architecture, its options and the number of classes: "
+        + "; ".join(_listing("missing", missing) + _listing("unexpected", unexpected)
                     + _listing("shape of", mismatched)))
   return traverse_util.unflatten_dict(flat)
 
@@ -280,6 +280,12 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
           f"cannot read {path}: it is truncated or not a safetensors file "
           f"({type(e).__name__}: {str(e)[:300]})") from e
 
+  with path.open("rb") as f:
+    head = f.read(4)
+  if not head.startswith((b"PK", b"\x80")):  # torch.save writes a zip archive, or a pickle
+    raise errors.CheckpointError(
+        f"cannot read {path}: it is not a PyTorch checkpoint (torch.save writes a zip archive or a "
+        f"pickle; this file starts with {head!r}); pass the .pt / .pth / .safetensors weights")
   torch = _optional("torch")
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -329,15 +335,22 @@ def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str |
     **model_kw: model options, e.g. `depth=28` for wrn.
 
   Raises:
-    ConfigError: unknown arch or option.
+    ConfigError: unknown arch or option, or a class count or image shape that is not positive.
     CheckpointError: an unreadable or unsafe file, weights that do not fit, or a non-empty
       `out_dir`.
+    WorkdirError: `out_dir` is a file or cannot be written.
   """
   checkpoint_path = pathlib.Path(checkpoint_path).absolute()
   out_dir = pathlib.Path(out_dir)
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
+  if out_dir.exists() and not out_dir.is_dir():
+    raise errors.WorkdirError(f"--out {out_dir} is a file, not a directory; choose another")
+  if out_dir.is_dir() and any(out_dir.iterdir()):
     raise errors.CheckpointError(
         f"{out_dir} already exists and is not empty; choose a new directory or delete it")
+  if num_classes <= 0 or min(image_shape) <= 0:
+    raise errors.ConfigError(
+        f"num_classes={num_classes} and image_shape={tuple(image_shape)} must be positive "
+        "(--num_classes, --image_size, --channels)")
   cfg = config_lib.default()
   cfg.model.name = arch
   if model_kw:
@@ -350,7 +363,7 @@ def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str |
   variables = torch_to_flax(arch, read_torch_checkpoint(checkpoint_path), num_classes,
                             image_shape=image_shape, **config_lib.model_kwargs(cfg.model))
 
-  out_dir.mkdir(parents=True, exist_ok=True)
+  checkpoints.check_writable(out_dir, "--out")  # creates it
   state = {"step": np.array(0, np.int32),
            "params": {"student": variables["params"], "method": {}},
            "batch_stats": variables["batch_stats"], "opt_state": {}, "method_state": {}}
@@ -373,11 +386,17 @@ def export_torch(workdir: str | os.PathLike, out_path: str | os.PathLike) -> Non
 
   Raises:
     CheckpointError: `workdir` is not a run with a checkpoint that fits its config.
+    WorkdirError: `out_path` is a directory, or its directory is missing or not writable
+      (checked before anything is converted).
   """
+  out_path = pathlib.Path(out_path)
+  if out_path.is_dir():
+    raise errors.WorkdirError(
+        f"--out {out_path} is a directory; name the file to write, e.g. {out_path / 'model.pt'}")
+  checkpoints.check_writable(out_path.parent, "--out", create=False)
   _, variables = checkpoints.load_model(workdir)
   arch = checkpoints.read_config(workdir).model.name
   state_dict = flax_to_torch(arch, variables)
-  out_path = pathlib.Path(out_path)
   # Write then rename, so an interrupted export never leaves a half-written file.
   tmp = out_path.with_name(out_path.name + ".tmp")
   if out_path.suffix == ".safetensors":

@@ -335,9 +335,11 @@ def config_differences(old: dict, new: dict) -> list[str]:
           and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
 
 
-def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) -> None:
-  """Refuse a workdir holding another config's run, unless told to overwrite it; write
-  config.json.
+def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool,
+                    teacher_record: Optional[dict] = None) -> None:
+  """Refuse a workdir holding another config's run, or a run distilled from another teacher
+  (`teacher_record`: what run.json records of the teacher now), unless told to overwrite it;
+  write config.json.
 
   A config differing only in `RESUMABLE_CHANGES` (e.g. `optim.*`) resumes the run, and
   config.json then records the new config. Call it only once the config is known to be valid.
@@ -350,13 +352,32 @@ def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool) 
       raise errors.ConfigError(
           f"{workdir} holds a run with a different config (differs in: {', '.join(diffs[:10])}); "
           "use another --workdir, or pass --overwrite to replace that run")
-    if diffs:
+    started_with = None if diffs else _teacher_started_with(workdir, teacher_record)
+    if started_with and not overwrite:
+      raise errors.CheckpointError(
+          f"the teacher changed since the run in {workdir} started: "
+          f"{teacher_record['workdir']} now holds weights with hash "
+          f"{teacher_record['sha256'][:12]}, the run was distilled from {started_with[:12]}, and "
+          "resuming would mix two teachers; point --config.teacher.workdir at the original "
+          "teacher, or start over in a new --workdir (or pass --overwrite to replace this run)")
+    if diffs or started_with:
       shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
       for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval*.json", "report*.md"):
         for path in workdir.glob(pattern):
           path.unlink()
   workdir.mkdir(parents=True, exist_ok=True)
   checkpoints.write_json(config_path, new)
+
+
+def _teacher_started_with(workdir: pathlib.Path, teacher_record: Optional[dict]) -> Optional[str]:
+  """The content hash of the teacher the run in `workdir` was distilled from, if it has a
+  checkpoint to resume and that hash differs from `teacher_record`'s; else None."""
+  run_path = workdir / checkpoints.RUN_FILE
+  if (teacher_record is None or not run_path.is_file()
+      or checkpoints.latest_step(workdir) is None):
+    return None
+  recorded = (checkpoints.read_json(run_path).get("teacher") or {}).get("sha256")
+  return recorded if recorded and recorded != teacher_record["sha256"] else None
 
 
 class MetricsLog:
@@ -424,7 +445,8 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
   Everything that can be checked (the config, the data, the teacher, the batch size against the
   dataset) is checked before anything is written; then the workdir is locked for the run
-  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A resumed run continues
+  (`checkpoints.writer_lock`), so a second `train` on it fails at once. A run is resumed only
+  with the teacher it started with (the content hash run.json records). A resumed run continues
   from the newest checkpoint that verifies against its checksums (damaged newer ones are moved
   aside) and truncates the logs to that step. `stop_after` ends the loop after that global step
   (as if the process were killed there, but with a checkpoint); the next call resumes from it.
@@ -473,7 +495,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     _check_teacher_classes(config, train_step, jax.eval_shape(init, init_rng), teacher, source)
 
   with checkpoints.writer_lock(workdir):
-    prepare_workdir(workdir, config, overwrite)
+    prepare_workdir(workdir, config, overwrite, teacher.record if teacher else None)
     checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
         "image_shape": list(source.image_shape), "num_classes": source.num_classes,
         "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,

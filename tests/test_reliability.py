@@ -241,6 +241,34 @@ def test_a_teacher_of_other_classes_is_refused_by_soft_label_methods_only(tmp_pa
   assert checkpoints.latest_step(tmp_path / "crd") == 1
 
 
+def test_a_run_resumes_only_with_the_teacher_it_started_with(tmp_path):
+  teacher, student = tmp_path / "teacher", tmp_path / "student"
+  teacher_config = helpers.tiny_config("natural")  # 4 steps
+  train.train(teacher_config, str(teacher), progress=False, stop_after=1)
+  config = helpers.tiny_config("kd", teacher_workdir=str(teacher))
+  train.train(config, str(student), progress=False, stop_after=1)
+  started_with = checkpoints.read_run_info(student)["teacher"]["sha256"]
+  train.train(config, str(student), progress=False, stop_after=2)  # the same teacher: resumes
+  assert checkpoints.latest_step(student) == 2
+
+  train.train(teacher_config, str(teacher), progress=False, stop_after=2)  # the teacher moves on
+  now = checkpoints.content_hash(checkpoints.load_model(teacher)[1])
+  assert now != started_with
+  with pytest.raises(errors.CheckpointError, match="the teacher changed since the run") as e:
+    train.train(config, str(student), progress=False)
+  message = str(e.value)
+  assert "\n" not in message and now[:12] in message and started_with[:12] in message
+  assert "original teacher" in message and "--overwrite" in message
+  # Refused before anything is written: the run still records the teacher it started with.
+  assert checkpoints.latest_step(student) == 2
+  assert checkpoints.read_run_info(student)["teacher"]["sha256"] == started_with
+
+  # --overwrite starts the run over with the new teacher.
+  train.train(config, str(student), progress=False, overwrite=True, stop_after=1)
+  assert checkpoints.latest_step(student) == 1 and _logged_steps(student) == [1]
+  assert checkpoints.read_run_info(student)["teacher"]["sha256"] == now
+
+
 # ---------------------------------------------------------------------------------------------
 # Checkpoint integrity.
 
