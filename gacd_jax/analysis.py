@@ -23,7 +23,7 @@ per model and batch shape, the batch sharded over the mesh.
 import dataclasses
 import functools
 import pathlib
-from typing import Any, Callable, Sequence
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
