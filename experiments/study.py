@@ -13,8 +13,10 @@ again.
 
 Results are merged into `--out` (default experiments/results): a second call for another dataset
 adds to `study.json` / `gacd_ablation.json` and rewrites the tables and plots from them.
-`--shard K/N` runs every N-th run from the K-th (teachers first, by shard 0; the other shards wait
-for them), so N processes can share a machine.
+Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an early stop leaves
+complete comparisons; the tables are rewritten after every run. The teachers are trained first and
+evaluated last (their AutoAttack is the slowest). `--shard K/N` runs every N-th run from the K-th
+(the teachers by shard 0; the other shards wait for them), so N processes can share a machine.
 """
 
 import argparse
@@ -166,6 +168,12 @@ def _wait_for(run: Run, poll_seconds: float = 20.0) -> None:
     time.sleep(poll_seconds)
 
 
+def _wait_for_training(run: Run, poll_seconds: float = 20.0) -> None:
+  """Block until shard 0 has trained `run` (a teacher)."""
+  while not _complete(run):
+    time.sleep(poll_seconds)
+
+
 # ---------------------------------------------------------------------------------------------
 # Tables and plots.
 
@@ -250,9 +258,9 @@ def merge_json(path: pathlib.Path, dataset: str, results: dict) -> dict:
 
 
 def collect(runs: list[Run], stored: dict[pathlib.Path, dict]) -> dict[str, dict[str, list[float]]]:
-  """`{run name: {metric: [per seed, in seed order]}}` of the evaluated runs."""
+  """`{run name: {metric: [per seed, in seed order]}}` of the runs evaluated so far."""
   out: dict[str, dict[str, list[float]]] = {}
-  for run in sorted(runs, key=lambda r: r.seed):
+  for run in sorted((r for r in runs if r.workdir in stored), key=lambda r: r.seed):
     accuracy = stored[run.workdir]["accuracy"]
     entry = out.setdefault(run.name, {m: [] for m in METRICS})
     for m in METRICS:
@@ -269,10 +277,10 @@ def plan(kind: str, root: pathlib.Path, datasets: list[str], seeds: list[int],
   """(teachers, students) of a grid or an ablation, with their evaluation settings."""
   teachers = [teacher_run(root, d, s) for d in datasets for s in seeds]
   if kind == "grid":
-    students = [student_run(root, d, s, m) for d in datasets for m in names for s in seeds]
+    students = [student_run(root, d, s, m) for d in datasets for s in seeds for m in names]
   else:
     students = [student_run(root, d, s, "gacd", {**ABLATION_BASE, **GACD_VARIANTS[v]}, name=v)
-                for d in datasets for v in names for s in seeds]
+                for d in datasets for s in seeds for v in names]
   for run in teachers + students:
     run.config.eval.split = split
     run.config.eval.suite = suite
@@ -327,12 +335,21 @@ def main(argv=None) -> None:
   root = pathlib.Path(args.workdir)
   teachers, students = plan(args.kind, root, datasets, seeds, names, split, suite)
   stored: dict[pathlib.Path, dict] = {}
+  command = argv if argv is not None else sys.argv[1:]
+
+  def report(final: bool) -> None:
+    if shard == 0:
+      write_results(args.kind, pathlib.Path(args.out), datasets, teachers, students, stored,
+                    split, suite, command, echo=final)
+
+  # The teachers are trained first (every student needs one) and evaluated last: the widest
+  # model's AutoAttack is the slowest run, and no student waits for it.
   for run in teachers:
     if shard == 0:
-      stored[run.workdir] = train_and_evaluate(run, progress=progress)
+      if _stored_result(run) is None:
+        train.train(run.config, str(run.workdir), progress=progress)
     else:
-      _wait_for(run)
-      stored[run.workdir] = _stored_result(run)
+      _wait_for_training(run)
   for i, run in enumerate(students):
     if i % num_shards != shard:
       continue
@@ -342,20 +359,23 @@ def main(argv=None) -> None:
           + ", ".join(f"{k} {100 * v:.1f}" for k, v in acc.items())
           + f" (train {stored[run.workdir].get('train_seconds', 0) / 60:.1f} min, evaluate "
           f"{stored[run.workdir].get('eval_seconds', 0) / 60:.1f} min)", flush=True)
+    report(final=False)
+  if shard == 0:
+    for run in teachers:
+      stored[run.workdir] = train_and_evaluate(run, progress=progress)
+      report(final=False)
   if num_shards > 1:
-    for run in students:
+    for run in teachers + students:
       if run.workdir not in stored:
         _wait_for(run)
         stored[run.workdir] = _stored_result(run)
-  if shard != 0:
-    return
-  write_results(args.kind, pathlib.Path(args.out), datasets, teachers, students, stored, split,
-                suite, argv if argv is not None else sys.argv[1:])
+  report(final=True)
 
 
 def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: list[Run],
                   students: list[Run], stored: dict[pathlib.Path, dict], split: str, suite: str,
-                  argv: list[str]) -> None:
+                  argv: list[str], echo: bool = True) -> None:
+  """Merge the runs evaluated so far into `out`'s json and rewrite its markdown and plots."""
   out.mkdir(parents=True, exist_ok=True)
   stem = "study" if kind == "grid" else "gacd_ablation"
   for dataset in datasets:
@@ -387,7 +407,8 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
       "start, step eps/8. Every student is a small_cnn of the same width, trained with the same "
       "schedule and training attack (10 steps of eps/4); distillation methods learn from the "
       "PGD-AT teacher of the same seed (row 'teacher').\n\n" + "\n".join(sections))
-  print((out / f"{stem}.md").read_text())
+  if echo:
+    print((out / f"{stem}.md").read_text())
 
 
 if __name__ == "__main__":

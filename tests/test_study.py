@@ -27,6 +27,9 @@ def test_the_grid_shares_one_teacher_per_dataset_and_seed_and_one_student_width(
                                                "teacher")
   # every (dataset, seed, method) once, each in its own directory
   assert len({r.workdir for r in teachers + students}) == 16
+  # seed by seed: an early stop leaves every method of the first seeds
+  assert [(r.seed, r.name) for r in students[:4]] == [
+      (0, "pgd_at"), (0, "ard"), (0, "gacd"), (1, "pgd_at")]
 
 
 def test_the_ablation_changes_only_gacd_switches_from_a_fixed_base(tmp_path, monkeypatch):
@@ -59,8 +62,9 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
       run = study.Run("digits", seed, name, None, tmp_path / f"{name}{seed}")
       runs.append(run)
       stored[run.workdir] = {"accuracy": {"clean": 0.9, "pgd20": acc + 0.05, "autoattack": acc}}
-  results = study.collect(runs[::-1], stored)  # seed order is restored
-  assert results["ard"]["autoattack"] == [0.5, 0.6, 0.7]
+  unfinished = study.Run("digits", 0, "rslad", None, tmp_path / "rslad0")  # not evaluated yet
+  results = study.collect(runs[::-1] + [unfinished], stored)  # seed order is restored
+  assert results["ard"]["autoattack"] == [0.5, 0.6, 0.7] and "rslad" not in results
   mean, std = study.mean_std([100 * v for v in values["gacd"]])
   assert mean == pytest.approx(45.0) and std == pytest.approx(np.std([40, 45, 50], ddof=1))
   table = study.results_table(results)
@@ -99,3 +103,25 @@ def test_the_target_check_compares_gacd_with_the_better_of_ard_and_rslad():
   check = study.target_check(results)
   assert "**not met** (3.0 points below" in check and "**not met** (4.0 points below)" in check
   assert "not all three" in study.target_check({"gacd": entry([0.5], [0.9])})
+
+
+def test_teachers_train_first_and_evaluate_last_and_tables_follow_every_run(tmp_path, monkeypatch):
+  calls = []
+  monkeypatch.setattr(study, "_stored_result", lambda run: None)
+  monkeypatch.setattr(study.train, "train", lambda config, workdir, **_: calls.append(
+      ("train", pathlib.Path(workdir).name)))
+
+  def evaluated(run, progress):
+    calls.append(("evaluate", run.name))
+    return {"accuracy": {"clean": 0.9, "pgd20": 0.5, "autoattack": 0.4}}
+  monkeypatch.setattr(study, "train_and_evaluate", evaluated)
+  monkeypatch.setattr(study, "write_results", lambda *args, echo: calls.append(
+      ("write", len(args[5]), echo)))
+  study.main(["grid", "--workdir", str(tmp_path), "--datasets", "digits", "--seeds", "0,1",
+              "--names", "ard,gacd", "--no-progress"])
+  assert calls == [("train", "teacher"), ("train", "teacher"),
+                   ("evaluate", "ard"), ("write", 1, False), ("evaluate", "gacd"),
+                   ("write", 2, False), ("evaluate", "ard"), ("write", 3, False),
+                   ("evaluate", "gacd"), ("write", 4, False),
+                   ("evaluate", "teacher"), ("write", 5, False), ("evaluate", "teacher"),
+                   ("write", 6, False), ("write", 6, True)]
