@@ -25,7 +25,6 @@ import functools
 import pathlib
 from typing import Any, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
@@ -37,6 +36,7 @@ from gacd_jax import errors
 from gacd_jax import evaluate
 from gacd_jax import evaluator
 from gacd_jax import report
+from gacd_jax import similarity
 
 # Column key -> label, in table order.
 MEASURES = {
@@ -48,55 +48,6 @@ MEASURES = {
 DEFAULT_STEPS = (1, 2, 5, 10, 20, 50)
 # How much the last doubling of PGD steps may still lower the accuracy (a fraction: 1 pp).
 CONVERGENCE_TOLERANCE = 0.01
-
-
-# ---------------------------------------------------------------------------------------------
-# Measures.
-
-
-@jax.jit
-def linear_cka(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Linear CKA between two representations of the same examples.
-
-  Computed in feature space, ||Y^T X||_F^2 / (||X^T X||_F ||Y^T Y||_F) on column-centred X and Y,
-  which equals the HSIC form with centred n x n Gram matrices but needs O(d^2), not O(n^2), memory.
-
-  Args:
-    x: [n, d1] features of n examples.
-    y: [n, d2] features of the same n examples, in the same order.
-
-  Returns:
-    A scalar in [0, 1]; NaN if either representation is constant over the examples.
-  """
-  x = x - x.mean(axis=0)
-  y = y - y.mean(axis=0)
-  cross = jnp.sum(jnp.square(y.T @ x))
-  return cross / (jnp.linalg.norm(x.T @ x) * jnp.linalg.norm(y.T @ y))
-
-
-@jax.jit
-def cosine_similarities(x: jax.Array) -> jax.Array:
-  """Pairwise cosine similarities of the rows of `x` [n, d]: [n, n] (an all-zero row gives 0)."""
-  unit = x / jnp.maximum(jnp.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-  return unit @ unit.T
-
-
-@jax.jit
-def similarity_correlation(x: jax.Array, y: jax.Array) -> jax.Array:
-  """Pearson correlation of the pairwise cosine similarities under two representations.
-
-  Args:
-    x: [n, d1] features of n >= 3 examples.
-    y: [n, d2] features of the same examples, in the same order.
-
-  Returns:
-    A scalar in [-1, 1] over the n (n - 1) / 2 pairs above the diagonal (the diagonal is 1 under
-    any representation, so it would only inflate the correlation).
-  """
-  rows, cols = jnp.triu_indices(x.shape[0], k=1)
-  a = cosine_similarities(x)[rows, cols]
-  b = cosine_similarities(y)[rows, cols]
-  return jnp.corrcoef(a, b)[0, 1]
 
 
 def _settings(config: ConfigDict, max_examples: int) -> evaluate.EvalSettings:
@@ -154,8 +105,8 @@ def structure_measures(features: dict[str, np.ndarray]) -> dict[str, float]:
   for condition in ("clean", "adv"):
     s = jnp.asarray(features[f"student_{condition}"])
     t = jnp.asarray(features[f"teacher_{condition}"])
-    out[f"cka_{condition}"] = float(linear_cka(s, t))
-    out[f"simcorr_{condition}"] = float(similarity_correlation(s, t))
+    out[f"cka_{condition}"] = float(similarity.linear_cka(s, t))
+    out[f"simcorr_{condition}"] = float(similarity.similarity_correlation(s, t))
   return out
 
 

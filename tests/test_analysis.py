@@ -13,6 +13,7 @@ from gacd_jax import analysis
 from gacd_jax import checkpoints
 from gacd_jax import evaluate
 from gacd_jax import probe
+from gacd_jax import similarity
 from gacd_jax import train
 from gacd_jax.errors import ConfigError
 from tests import helpers
@@ -42,30 +43,30 @@ def test_cka_matches_the_hsic_form():
   x, y = _features(0), _features(1, d=7)
   related = x[:, :7] + 0.5 * y
   for a, b in ((x, y), (x, related), (related, y)):
-    np.testing.assert_allclose(analysis.linear_cka(a, b), _cka_reference(a, b), rtol=1e-4)
+    np.testing.assert_allclose(similarity.linear_cka(a, b), _cka_reference(a, b), rtol=1e-4)
 
 
 def test_cka_is_one_for_a_representation_and_its_rotations_and_scalings():
   x, y = _features(0), _features(1)
-  np.testing.assert_allclose(analysis.linear_cka(x, x), 1.0, rtol=1e-5)
-  expected = float(analysis.linear_cka(x, y))
+  np.testing.assert_allclose(similarity.linear_cka(x, x), 1.0, rtol=1e-5)
+  expected = float(similarity.linear_cka(x, y))
   transformed = 3.5 * x @ _rotation(2, x.shape[1])
-  np.testing.assert_allclose(analysis.linear_cka(transformed, x), 1.0, rtol=1e-5)
-  np.testing.assert_allclose(analysis.linear_cka(transformed, y), expected, rtol=1e-4)
+  np.testing.assert_allclose(similarity.linear_cka(transformed, x), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(similarity.linear_cka(transformed, y), expected, rtol=1e-4)
   assert expected < 0.9  # unrelated random features are far from 1
 
 
 def test_similarity_correlation():
   x, y = _features(0), _features(1)
-  np.testing.assert_allclose(analysis.similarity_correlation(x, x), 1.0, rtol=1e-5)
+  np.testing.assert_allclose(similarity.similarity_correlation(x, x), 1.0, rtol=1e-5)
   # Cosine similarities ignore rotations and scalings of the features (about the origin).
   rotated = 0.2 * x @ _rotation(3, x.shape[1])
-  np.testing.assert_allclose(analysis.similarity_correlation(rotated, y),
-                             analysis.similarity_correlation(x, y), rtol=1e-4)
+  np.testing.assert_allclose(similarity.similarity_correlation(rotated, y),
+                             similarity.similarity_correlation(x, y), rtol=1e-4)
   unit = lambda v: v / np.linalg.norm(v, axis=1, keepdims=True)
   upper = np.triu_indices(len(x), k=1)
   reference = np.corrcoef((unit(x) @ unit(x).T)[upper], (unit(y) @ unit(y).T)[upper])[0, 1]
-  np.testing.assert_allclose(analysis.similarity_correlation(x, y), reference, rtol=1e-4,
+  np.testing.assert_allclose(similarity.similarity_correlation(x, y), reference, rtol=1e-4,
                              atol=1e-6)
 
 
