@@ -37,6 +37,8 @@ def default() -> ConfigDict:
   c.model.name = "small_cnn"
   c.model.small_cnn = ConfigDict({"width": 16})
   c.model.wrn = ConfigDict({"depth": 34, "widen_factor": 10})
+  c.model.dm_wrn = ConfigDict({"depth": 28, "width": 10, "activation": "relu"})
+  c.model.dm_preact_resnet = ConfigDict({"depth": 18, "activation": "relu"})
   # Preprocessing inside the model, for every architecture (gacd_jax/input_norm.py): zero padding
   # of the [0, 1] image, then (x - mean) / std per channel. () and 0: off.
   c.model.input_mean = ()

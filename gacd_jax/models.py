@@ -8,17 +8,20 @@ needs `mutable=['batch_stats']`; `train=False` uses the running averages.
 
 The architectures match the public PyTorch code the field trains and releases teachers with
 (pytorch-cifar for ResNet18 / MobileNetV2, the robust-overfitting PreActResNet18, the TRADES
-WideResNet); `experiments/pytorch_baseline/models.py` holds independent PyTorch versions with the
-same parameter counts. Every padding is explicit and equal to PyTorch's: 'SAME' would pad
+WideResNet; RobustBench's own in `gacd_jax/robustbench_models.py`);
+`experiments/pytorch_baseline/models.py` holds independent PyTorch versions of this module's with
+the same parameter counts. Every padding is explicit and equal to PyTorch's: 'SAME' would pad
 strided convolutions asymmetrically and break parity. The final pooling is a global mean, which
 equals the references' fixed-size `avg_pool2d` on 32x32 inputs and also works on smaller images.
 
 Naming convention (Flax variable path <-> PyTorch state_dict key):
   * Submodule names are the PyTorch attribute names: `conv1`, `bn1`, `linear`, `fc`,
     `convShortcut`, ...
-  * An index into a PyTorch `nn.Sequential` becomes an `_<i>` suffix on the Flax name:
-    `layer1.0.conv1` <-> `layer1_0/conv1`, `layers.3.bn2` <-> `layers_3/bn2`,
-    `block1.layer.0.bn1` <-> `block1/layer_0/bn1`.
+  * An index into a PyTorch `nn.Sequential` becomes an `_<i>` suffix on the Flax name of the
+    enclosing module: `layer1.0.conv1` <-> `layer1_0/conv1`, `layers.3.bn2` <-> `layers_3/bn2`,
+    `block1.layer.0.bn1` <-> `block1/layer_0/bn1`, `layer_0.1.conv_2d_1` <-> `layer_0_1/conv_2d_1`
+    (the last `_<i>`). The module that holds the variables keeps its PyTorch name verbatim
+    (`batchnorm_0`).
   * The pytorch-cifar projection shortcut `shortcut.0` / `shortcut.1` is named `shortcut_conv` /
     `shortcut_bn`.
   * Leaves: Conv `kernel [kh, kw, in/groups, out]` <-> `weight [out, in/groups, kh, kw]`;
@@ -62,8 +65,9 @@ def _stored(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class Conv(nn.Module):
-  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2`, with variables
-  laid out as `nn.Conv`'s (`kernel [k, k, in / groups, out]`).
+  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2` (or `padding`:
+  ((top, bottom), (left, right))), with variables laid out as `nn.Conv`'s
+  (`kernel [k, k, in / groups, out]`).
 
   `store_input` passes the input through `_stored` first: a backend tuning for XLA CPU (faster
   weight gradients), with the same outputs and gradients. `build` sets it from
@@ -75,6 +79,7 @@ class Conv(nn.Module):
   groups: int = 1
   dtype: Dtype = jnp.float32
   store_input: bool = False
+  padding: tuple[tuple[int, int], tuple[int, int]] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -86,7 +91,7 @@ class Conv(nn.Module):
     pad = self.kernel_size // 2
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        self.padding or ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=self.groups)
 
 
@@ -441,3 +446,7 @@ def feature_dim(module: nn.Module, image_shape: tuple[int, int, int]) -> int:
   (_, features), _ = jax.eval_shape(
       lambda x: module.init_with_output(jax.random.key(0), x), x)
   return features.shape[-1]
+
+
+# RobustBench's architectures build on the layers above and register themselves when imported.
+from gacd_jax import robustbench_models  # pylint: disable=g-import-not-at-top,unused-import

@@ -95,12 +95,12 @@ _RENAMED_MODULES = {"shortcut_conv": "shortcut.0", "shortcut_bn": "shortcut.1"}
 def _torch_module(path: tuple[str, ...]) -> str:
   """Flax module path -> PyTorch module name: ('layer1_0', 'shortcut_bn') -> 'layer1.0.shortcut.1'.
 
-  An `_<i>` suffix is an index into a PyTorch nn.Sequential; no zoo module name ends in one
-  otherwise.
+  On the enclosing modules, the last `_<i>` suffix is an index into a PyTorch nn.Sequential
+  ('layer_0_1' -> 'layer_0.1'); the module holding the variables keeps its name ('batchnorm_0').
   """
   parts = []
-  for name in path:
-    index = re.fullmatch(r"(.+)_(\d+)", name)
+  for depth, name in enumerate(path, start=1):
+    index = re.fullmatch(r"(.+)_(\d+)", name) if depth < len(path) else None
     parts.append(_RENAMED_MODULES.get(name) or (f"{index[1]}.{index[2]}" if index else name))
   return ".".join(parts)
 

@@ -17,7 +17,8 @@ import pytest
 from gacd_jax import models
 from gacd_jax.errors import ConfigError
 
-# Counts of `params` with a 10-way head; all but small_cnn are those of the public PyTorch models.
+# Counts of `params` with a 10-way head; all but small_cnn are those of the public PyTorch models
+# (RobustBench's classes for the last three; tests/test_robustbench.py checks them there).
 PARAM_COUNTS = {
     'resnet18': 11_173_962,
     'preact_resnet18': 11_172_170,
@@ -25,6 +26,9 @@ PARAM_COUNTS = {
     'wrn34_10': 46_160_474,
     'mobilenet_v2': 2_296_922,
     'small_cnn': 24_346,
+    'dm_wrn': 36_479_194,
+    'dm_preact_resnet': 12_548_426,
+    'preact_resnet18_fast': 11_171_146,
 }
 FEATURE_DIMS = {
     'resnet18': 512,
@@ -33,9 +37,12 @@ FEATURE_DIMS = {
     'wrn34_10': 640,
     'mobilenet_v2': 1280,
     'small_cnn': 64,
+    'dm_wrn': 640,
+    'dm_preact_resnet': 512,
+    'preact_resnet18_fast': 512,
 }
-# The architectures experiments/pytorch_baseline has.
-BASELINE = sorted(PARAM_COUNTS)
+# The architectures experiments/pytorch_baseline has; RobustBench's are checked against its own.
+BASELINE = sorted(set(PARAM_COUNTS) - {'dm_wrn', 'dm_preact_resnet', 'preact_resnet18_fast'})
 BATCH, IMAGE_SHAPE = 2, (32, 32, 3)
 
 
@@ -252,3 +259,11 @@ def test_input_preprocessing_errors():
     jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
                    jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
 
+
+def test_robustbench_architecture_errors():
+  with pytest.raises(ConfigError, match='dm_wrn depth must be 6n'):
+    models.build('dm_wrn', 10, depth=30)
+  with pytest.raises(ConfigError, match="activation must be one of relu, swish, silu, got 'gelu'"):
+    models.build('dm_wrn', 10, activation='gelu')
+  with pytest.raises(ConfigError, match='dm_preact_resnet depth must be 18 or 34'):
+    models.build('dm_preact_resnet', 10, depth=50)
