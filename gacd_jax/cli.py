@@ -29,7 +29,9 @@ commands:
              --config.eval.suite=standard also AutoAttack): --config FILE --workdir DIR
   import-teacher  convert a PyTorch checkpoint (.pt, .pth, .safetensors) into a teacher run:
              --arch NAME --torch_checkpoint FILE --out DIR [--num_classes 10] [--image_size 32]
-             [--channels 3] [--model_option KEY=INT ...]  (e.g. --arch wrn34_10 for TRADES)
+             [--channels 3] [--model_option KEY=VALUE ...] [--input_mean M,M,M --input_std S,S,S]
+             (e.g. --arch wrn34_10 for TRADES); or a RobustBench model: --robustbench NAME
+             [--dataset cifar100] --torch_checkpoint FILE --out DIR  (--robustbench list)
   export-torch  write a run's model as a PyTorch state_dict:  --workdir DIR --out FILE.pt
   analyse    compare students' features with a teacher's (linear CKA, similarity correlation;
              clean and under PGD), and with --curves plot accuracy against eps and PGD steps:
@@ -147,31 +149,77 @@ def _run_demo():
 
 
 def _define_import_teacher():
-  flags.DEFINE_string("arch", None, "architecture of the checkpoint, e.g. wrn34_10 or resnet18",
-                      required=True)
+  flags.DEFINE_string("arch", None, "architecture of the checkpoint, e.g. wrn34_10 or resnet18")
+  flags.DEFINE_string("robustbench", None, "instead of --arch: a RobustBench Linf model name, "
+                      "e.g. Rebuffi2021Fixing_70_16_cutmix_extra, which fixes the architecture, "
+                      "its options, the normalisation and the classes; `list` prints the names")
+  flags.DEFINE_enum("dataset", "cifar10", ["cifar10", "cifar100"],
+                    "the dataset of the --robustbench model")
   # absl does not read dashes as underscores: the flag is spelt --torch_checkpoint.
   flags.DEFINE_string("torch_checkpoint", None, "PyTorch weights: .pt / .pth (read with "
-                      "weights_only=True, so pickled code is refused) or .safetensors",
-                      required=True)
-  flags.DEFINE_string("out", None, "new or empty directory for the teacher run", required=True)
+                      "weights_only=True, so pickled code is refused) or .safetensors")
+  flags.DEFINE_string("out", None, "new or empty directory for the teacher run")
   flags.DEFINE_integer("num_classes", 10, "number of classes of the checkpoint's linear head")
   flags.DEFINE_integer("image_size", 32, "height and width of the images the teacher takes")
   flags.DEFINE_integer("channels", 3, "channels of the images the teacher takes")
-  flags.DEFINE_multi_string("model_option", [], "a model option KEY=INT, repeatable, e.g. "
-                            "--model_option=depth=28 --model_option=widen_factor=10 for wrn")
+  flags.DEFINE_multi_string("model_option", [], "a model option KEY=VALUE (an integer or a "
+                            "word), repeatable, e.g. --model_option=depth=28 "
+                            "--model_option=widen_factor=10 for wrn")
+  flags.DEFINE_list("input_mean", [], "per-channel mean the model subtracts from its [0, 1] "
+                    "input, e.g. 0.4914,0.4822,0.4465 (with --input_std)")
+  flags.DEFINE_list("input_std", [], "per-channel std the model divides its input by")
+
+
+# The flags that describe an architecture, which a --robustbench name fixes.
+_ARCH_FLAGS = ("arch", "num_classes", "image_size", "channels", "model_option", "input_mean",
+               "input_std")
+
+
+def _floats(name: str) -> tuple[float, ...]:
+  try:
+    return tuple(float(v) for v in flags.FLAGS[name].value)
+  except ValueError:
+    raise errors.ConfigError(
+        f"--{name}={','.join(flags.FLAGS[name].value)} must be numbers separated by commas, "
+        "e.g. 0.4914,0.4822,0.4465") from None
 
 
 def _run_import_teacher():
-  from gacd_jax import torch_convert  # pylint: disable=g-import-not-at-top
+  from gacd_jax import robustbench_teachers, torch_convert  # pylint: disable=g-import-not-at-top
   f = flags.FLAGS
+  if f.robustbench == "list":
+    print(robustbench_teachers.listing())
+    return
+  if (f.arch is None) == (f.robustbench is None):
+    raise errors.ConfigError("give one of --arch NAME (any PyTorch checkpoint of a gacd_jax "
+                             "architecture) and --robustbench NAME (a RobustBench model)")
+  for name in ("torch_checkpoint", "out"):
+    if f[name].value is None:
+      raise errors.ConfigError(f"--{name} is required; `gacd-jax import-teacher --help` lists "
+                               "the flags")
+  if f.robustbench is not None:
+    given = [name for name in _ARCH_FLAGS if f[name].present]
+    if given:
+      raise errors.ConfigError(f"--{given[0]} cannot be combined with --robustbench, whose name "
+                               "fixes the architecture, its options and the classes")
+    entry = robustbench_teachers.import_teacher(f.robustbench, f.torch_checkpoint, f.out,
+                                                dataset=f.dataset)
+    print(f"wrote RobustBench's {f.dataset} {f.robustbench} "
+          f"({robustbench_teachers.describe(entry)}) to {f.out}; use it with "
+          f"--config.teacher.workdir={f.out}")
+    return
+  if f["dataset"].present:
+    raise errors.ConfigError("--dataset names the dataset of a --robustbench model; with --arch "
+                             "give --num_classes")
   model_kw = {}
   for option in f.model_option:
     key, _, value = option.partition("=")
-    try:
-      model_kw[key] = int(value)
-    except ValueError:
+    if not key or not value:
       raise errors.ConfigError(
-          f"--model_option={option!r} must look like KEY=INT, e.g. depth=28") from None
+          f"--model_option={option!r} must look like KEY=VALUE, e.g. depth=28")
+    model_kw[key] = int(value) if re.fullmatch(r"[+-]?\d+", value) else value
+  if f.input_mean or f.input_std:
+    model_kw.update(input_mean=_floats("input_mean"), input_std=_floats("input_std"))
   torch_convert.import_teacher(f.arch, f.torch_checkpoint, f.out, num_classes=f.num_classes,
                                image_shape=(f.image_size, f.image_size, f.channels), **model_kw)
   print(f"wrote a {f.arch} teacher to {f.out}; use it with --config.teacher.workdir={f.out}")

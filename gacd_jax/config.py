@@ -19,6 +19,7 @@ from ml_collections import ConfigDict
 
 from gacd_jax import attacks
 from gacd_jax import errors
+from gacd_jax import input_norm
 from gacd_jax import losses
 from gacd_jax import methods
 
@@ -36,6 +37,13 @@ def default() -> ConfigDict:
   c.model.name = "small_cnn"
   c.model.small_cnn = ConfigDict({"width": 16})
   c.model.wrn = ConfigDict({"depth": 34, "widen_factor": 10})
+  c.model.dm_wrn = ConfigDict({"depth": 28, "width": 10, "activation": "relu"})
+  c.model.dm_preact_resnet = ConfigDict({"depth": 18, "activation": "relu"})
+  # Preprocessing inside the model, for every architecture (gacd_jax/input_norm.py): zero padding
+  # of the [0, 1] image, then (x - mean) / std per channel. () and 0: off.
+  c.model.input_mean = ()
+  c.model.input_std = ()
+  c.model.input_padding = 0
 
   c.data = ConfigDict()
   c.data.name = "digits"
@@ -117,9 +125,14 @@ def compute_dtype(c: ConfigDict):
 
 
 def model_kwargs(model_config: ConfigDict) -> dict:
-  """The keyword arguments for `models.build` held under `model.<name>`, if any."""
+  """The keyword arguments for `models.build`: those held under `model.<name>`, if any, and the
+  input preprocessing (`model.input_*`) when it is on."""
   options = model_config.get(model_config.name)
-  return dict(options) if options is not None else {}
+  kwargs = dict(options) if options is not None else {}
+  for key in ("input_mean", "input_std", "input_padding"):
+    if model_config.get(key):  # absent from configs written before it existed
+      kwargs[key] = model_config[key]
+  return kwargs
 
 
 def _choice(value, choices, key):
@@ -139,6 +152,10 @@ def validate(c: ConfigDict) -> None:
   if c.model.name not in models.names():
     raise errors.ConfigError(
         f"unknown model {c.model.name!r}; known models: {', '.join(models.names())}")
+  try:
+    input_norm.check(tuple(c.model.input_mean), tuple(c.model.input_std), c.model.input_padding)
+  except errors.ConfigError as e:
+    raise errors.ConfigError(f"config.model.{e}") from None
   if c.data.name not in data.names():
     raise errors.ConfigError(
         f"unknown dataset {c.data.name!r}; known datasets: {', '.join(data.names())}")

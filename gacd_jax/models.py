@@ -1,24 +1,27 @@
 """Model zoo: the CIFAR-style networks of the adversarial robustness distillation literature.
 
 Every model is a Flax Linen module called as `module.apply(variables, x, train=...)` with
-`x: [B, H, W, C]` float in [0, 1] (no normalisation happens inside), returning
-`(logits [B, num_classes], features [B, D])`, where `features` are the pooled penultimate
-activations that feed the final linear layer. `train=True` uses batch statistics and needs
-`mutable=['batch_stats']`; `train=False` uses the running averages.
+`x: [B, H, W, C]` float in [0, 1] (normalised inside only with the `input_mean` / `input_std`
+options), returning `(logits [B, num_classes], features [B, D])`, where `features` are the pooled
+penultimate activations that feed the final linear layer. `train=True` uses batch statistics and
+needs `mutable=['batch_stats']`; `train=False` uses the running averages.
 
 The architectures match the public PyTorch code the field trains and releases teachers with
 (pytorch-cifar for ResNet18 / MobileNetV2, the robust-overfitting PreActResNet18, the TRADES
-WideResNet); `experiments/pytorch_baseline/models.py` holds independent PyTorch versions with the
-same parameter counts. Every padding is explicit and equal to PyTorch's: 'SAME' would pad strided
-convolutions asymmetrically and break parity. The final pooling is a global mean, which equals the
-references' fixed-size `avg_pool2d` on 32x32 inputs and also works on smaller images.
+WideResNet; RobustBench's own in `gacd_jax/robustbench_models.py`);
+`experiments/pytorch_baseline/models.py` holds independent PyTorch versions of this module's with
+the same parameter counts. Every padding is explicit and equal to PyTorch's: 'SAME' would pad
+strided convolutions asymmetrically and break parity. The final pooling is a global mean, which
+equals the references' fixed-size `avg_pool2d` on 32x32 inputs and also works on smaller images.
 
 Naming convention (Flax variable path <-> PyTorch state_dict key):
   * Submodule names are the PyTorch attribute names: `conv1`, `bn1`, `linear`, `fc`,
     `convShortcut`, ...
-  * An index into a PyTorch `nn.Sequential` becomes an `_<i>` suffix on the Flax name:
-    `layer1.0.conv1` <-> `layer1_0/conv1`, `layers.3.bn2` <-> `layers_3/bn2`,
-    `block1.layer.0.bn1` <-> `block1/layer_0/bn1`.
+  * An index into a PyTorch `nn.Sequential` becomes an `_<i>` suffix on the Flax name of the
+    enclosing module: `layer1.0.conv1` <-> `layer1_0/conv1`, `layers.3.bn2` <-> `layers_3/bn2`,
+    `block1.layer.0.bn1` <-> `block1/layer_0/bn1`, `layer_0.1.conv_2d_1` <-> `layer_0_1/conv_2d_1`
+    (the last `_<i>`). The module that holds the variables keeps its PyTorch name verbatim
+    (`batchnorm_0`).
   * The pytorch-cifar projection shortcut `shortcut.0` / `shortcut.1` is named `shortcut_conv` /
     `shortcut_bn`.
   * Leaves: Conv `kernel [kh, kw, in/groups, out]` <-> `weight [out, in/groups, kh, kw]`;
@@ -36,6 +39,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from gacd_jax import input_norm
 from gacd_jax import runtime
 from gacd_jax.errors import ConfigError
 
@@ -61,8 +65,9 @@ def _stored(x: jax.Array, kernel: jax.Array) -> jax.Array:
 
 
 class Conv(nn.Module):
-  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2`, with variables
-  laid out as `nn.Conv`'s (`kernel [k, k, in / groups, out]`).
+  """A bias-free square convolution padded like PyTorch's `padding=kernel // 2` (or `padding`:
+  ((top, bottom), (left, right))), with variables laid out as `nn.Conv`'s
+  (`kernel [k, k, in / groups, out]`).
 
   `store_input` passes the input through `_stored` first: a backend tuning for XLA CPU (faster
   weight gradients), with the same outputs and gradients. `build` sets it from
@@ -74,6 +79,7 @@ class Conv(nn.Module):
   groups: int = 1
   dtype: Dtype = jnp.float32
   store_input: bool = False
+  padding: tuple[tuple[int, int], tuple[int, int]] | None = None
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -85,7 +91,7 @@ class Conv(nn.Module):
     pad = self.kernel_size // 2
     return jax.lax.conv_general_dilated(
         x.astype(self.dtype), kernel.astype(self.dtype), (self.stride, self.stride),
-        ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
+        self.padding or ((pad, pad), (pad, pad)), dimension_numbers=('NHWC', 'HWIO', 'NHWC'),
         feature_group_count=self.groups)
 
 
@@ -364,15 +370,22 @@ class MobileNetV2(nn.Module):
     return logits, features
 
 
-# name -> (module class, keyword arguments the name pins).
-_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {
-    'small_cnn': (SmallCNN, {}),
-    'resnet18': (ResNet18, {}),
-    'preact_resnet18': (PreActResNet18, {}),
-    'wrn': (WideResNet, {}),
-    'wrn34_10': (WideResNet, {'depth': 34, 'widen_factor': 10}),
-    'mobilenet_v2': (MobileNetV2, {}),
-}
+# name -> (module class, keyword arguments the name pins). Every class also takes the input
+# preprocessing options of `gacd_jax/input_norm.py` (off by default).
+_REGISTRY: dict[str, tuple[type[nn.Module], dict[str, Any]]] = {}
+
+
+def register(name: str, cls: type[nn.Module], pinned: dict[str, Any] | None = None) -> None:
+  """Makes `build(name, ...)` build `cls` (called as `(x, train)`), with `pinned` options fixed."""
+  _REGISTRY[name] = (input_norm.preprocessed(cls), dict(pinned or {}))
+
+
+register('small_cnn', SmallCNN)
+register('resnet18', ResNet18)
+register('preact_resnet18', PreActResNet18)
+register('wrn', WideResNet)
+register('wrn34_10', WideResNet, {'depth': 34, 'widen_factor': 10})
+register('mobilenet_v2', MobileNetV2)
 
 # Dataclass fields that are not hyperparameters: every Linen module's, and the backend tuning
 # `build` sets itself.
@@ -405,7 +418,8 @@ def build(name: str, num_classes: int, *, store_conv_inputs: bool | None = None,
       `runtime.store_conv_inputs` for the backend JAX runs on now (`jax.default_backend()`):
       on for the CPU, off for GPU and TPU. The launchers (train, evaluate) pass it explicitly.
     **kw: model options (see `options(name)`), e.g. `width` for small_cnn, `depth` and
-      `widen_factor` for wrn, `dtype` (compute dtype; parameters stay float32) for all.
+      `widen_factor` for wrn; for all, `dtype` (compute dtype; parameters stay float32) and
+      `input_mean`, `input_std`, `input_padding` (`gacd_jax/input_norm.py`).
 
   Raises:
     ConfigError: unknown name, unknown or pinned option, or an invalid value.
@@ -432,3 +446,7 @@ def feature_dim(module: nn.Module, image_shape: tuple[int, int, int]) -> int:
   (_, features), _ = jax.eval_shape(
       lambda x: module.init_with_output(jax.random.key(0), x), x)
   return features.shape[-1]
+
+
+# RobustBench's architectures build on the layers above and register themselves when imported.
+from gacd_jax import robustbench_models  # pylint: disable=g-import-not-at-top,unused-import

@@ -33,6 +33,7 @@ import numpy as np
 from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import errors
+from gacd_jax import input_norm
 from gacd_jax import models
 
 # TRADES' WideResNet defines a `sub_block1` that forward never uses but its checkpoints carry.
@@ -43,6 +44,10 @@ _NESTING_KEYS = ("state_dict", "model_state_dict", "model", "net", "state")
 
 # At most this many lines per kind of problem in an error message.
 _MAX_LISTED = 20
+
+
+class WeightsMismatch(errors.CheckpointError):
+  """Weights whose keys or shapes do not fit the architecture (`torch_to_flax`)."""
 
 # ---------------------------------------------------------------------------------------------
 # Layouts. Each permutation takes a PyTorch array's axes to the Flax array's axes.
@@ -95,12 +100,12 @@ _RENAMED_MODULES = {"shortcut_conv": "shortcut.0", "shortcut_bn": "shortcut.1"}
 def _torch_module(path: tuple[str, ...]) -> str:
   """Flax module path -> PyTorch module name: ('layer1_0', 'shortcut_bn') -> 'layer1.0.shortcut.1'.
 
-  An `_<i>` suffix is an index into a PyTorch nn.Sequential; no zoo module name ends in one
-  otherwise.
+  On the enclosing modules, the last `_<i>` suffix is an index into a PyTorch nn.Sequential
+  ('layer_0_1' -> 'layer_0.1'); the module holding the variables keeps its name ('batchnorm_0').
   """
   parts = []
-  for name in path:
-    index = re.fullmatch(r"(.+)_(\d+)", name)
+  for depth, name in enumerate(path, start=1):
+    index = re.fullmatch(r"(.+)_(\d+)", name) if depth < len(path) else None
     parts.append(_RENAMED_MODULES.get(name) or (f"{index[1]}.{index[2]}" if index else name))
   return ".".join(parts)
 
@@ -158,7 +163,8 @@ def torch_to_flax(arch: str, state_dict: Mapping[str, np.ndarray], num_classes: 
 
   Raises:
     ConfigError: unknown arch or option.
-    CheckpointError: listing every missing key, unexpected key and shape mismatch.
+    WeightsMismatch (a CheckpointError): listing every missing key, unexpected key and shape
+      mismatch.
   """
   module = models.build(arch, num_classes, **model_kw)
   x = jax.ShapeDtypeStruct((1, *image_shape), np.float32)
@@ -186,7 +192,7 @@ def torch_to_flax(arch: str, state_dict: Mapping[str, np.ndarray], num_classes: 
                 if k not in consumed and not k.startswith(ignored)]
   if missing or unexpected or mismatched:
     options = "".join(f", {k}={v}" for k, v in sorted(model_kw.items()))
-    raise errors.CheckpointError(
+    raise WeightsMismatch(
         f"the PyTorch weights do not fit a {arch} with {num_classes} classes{options} "
         f"({len(missing)} missing, {len(unexpected)} unexpected, {len(mismatched)} wrong shape); "
         "check the architecture, its options and the number of classes: "
@@ -256,13 +262,15 @@ def _without_data_parallel_prefix(state_dict: Mapping[str, Any]) -> dict[str, An
   return {re.sub(r"^(module\.)+", "", key): value for key, value in state_dict.items()}
 
 
-def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
+def read_torch_checkpoint(path: str | os.PathLike, *,
+                          inside: str | None = None) -> dict[str, np.ndarray]:
   """The state_dict in a PyTorch checkpoint file, as PyTorch key -> numpy array.
 
   `.safetensors` files are read with safetensors; anything else with
   `torch.load(weights_only=True)`, which unpickles only tensors and plain containers. The state
   dict may be nested under 'state_dict', 'model_state_dict', 'model', 'net' or 'state' (as
-  training scripts save it with the epoch and optimizer); `module.` prefixes are removed.
+  training scripts save it with the epoch and optimizer), first under `inside` if given (e.g.
+  'last' for a file holding a 'last' and a 'best' model); `module.` prefixes are removed.
 
   Raises:
     CheckpointError: a missing, truncated or corrupt file, no state_dict inside, or a pickle
@@ -301,6 +309,12 @@ def read_torch_checkpoint(path: str | os.PathLike) -> dict[str, np.ndarray]:
     raise errors.CheckpointError(
         f"cannot read {path}: it is truncated, damaged or not a PyTorch checkpoint "
         f"({type(e).__name__}: {str(e)[:300]})") from e
+  if inside is not None:
+    if not isinstance(obj, Mapping) or inside not in obj:
+      raise errors.CheckpointError(
+          f"{path} holds no {inside!r} entry, where this model's weights are; found "
+          f"{_describe(obj)}")
+    obj = obj[inside]
   state_dict = _find_state_dict(obj, path, torch.Tensor)
   # numpy has no bfloat16; float32 holds it exactly.
   return _without_data_parallel_prefix({
@@ -317,8 +331,9 @@ def _sha256(path: pathlib.Path) -> str:
 
 
 def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str | os.PathLike,
-                   num_classes: int = 10, image_shape: tuple[int, int, int] = (32, 32, 3),
-                   **model_kw: Any) -> None:
+                   num_classes: int = 10, image_shape: tuple[int, int, int] = (32, 32, 3), *,
+                   state_dict: Mapping[str, Any] | None = None,
+                   source: Mapping[str, Any] | None = None, **model_kw: Any) -> None:
   """Converts a PyTorch checkpoint into a run directory usable as `config.teacher.workdir`.
 
   Writes `out_dir/config.json` (the default config with `model.name = arch` and the model
@@ -332,7 +347,10 @@ def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str |
     out_dir: a new or empty directory.
     num_classes: the width of the checkpoint's linear head.
     image_shape: (H, W, C) of the images the teacher takes.
-    **model_kw: model options, e.g. `depth=28` for wrn.
+    state_dict: the weights, already read from `checkpoint_path` (e.g. unwrapped by
+      `gacd_jax.robustbench_teachers`); None reads them with `read_torch_checkpoint`.
+    source: more facts about the weights' origin for run.json's `imported_from`.
+    **model_kw: model options, e.g. `depth=28` for wrn, `input_mean` and `input_std`.
 
   Raises:
     ConfigError: unknown arch or option, or a class count or image shape that is not positive.
@@ -353,15 +371,22 @@ def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str |
         "(--num_classes, --image_size, --channels)")
   cfg = config_lib.default()
   cfg.model.name = arch
-  if model_kw:
+  arch_kw = {k: v for k, v in model_kw.items() if k not in input_norm.OPTIONS}
+  for key in input_norm.OPTIONS:  # for every architecture, so not under model.<arch>
+    if key in model_kw:
+      value = model_kw[key]
+      cfg.model[key] = tuple(value) if isinstance(value, list) else value
+  if arch_kw:
     if arch in cfg.model:
-      cfg.model[arch].update(model_kw)
+      cfg.model[arch].update(arch_kw)
     else:
-      cfg.model[arch] = model_kw
+      cfg.model[arch] = arch_kw
   config_json = json.loads(config_lib.to_json(cfg))
+  if state_dict is None:
+    state_dict = read_torch_checkpoint(checkpoint_path)
   # Convert with the options as the config records them, so the run loads as it was written.
-  variables = torch_to_flax(arch, read_torch_checkpoint(checkpoint_path), num_classes,
-                            image_shape=image_shape, **config_lib.model_kwargs(cfg.model))
+  variables = torch_to_flax(arch, state_dict, num_classes, image_shape=image_shape,
+                            **config_lib.model_kwargs(cfg.model))
 
   checkpoints.check_writable(out_dir, "--out")  # creates it
   state = {"step": np.array(0, np.int32),
@@ -372,7 +397,8 @@ def import_teacher(arch: str, checkpoint_path: str | os.PathLike, out_dir: str |
   checkpoints.write_json(out_dir / checkpoints.RUN_FILE, {
       "image_shape": list(image_shape), "num_classes": num_classes, "num_examples": 0,
       "steps_per_epoch": 0, "teacher": None,
-      "imported_from": {"path": str(checkpoint_path), "sha256": _sha256(checkpoint_path)}})
+      "imported_from": {"path": str(checkpoint_path), "sha256": _sha256(checkpoint_path),
+                        **(source or {})}})
   # Written last: a directory without config.json is not mistaken for a complete run.
   checkpoints.write_json(out_dir / checkpoints.CONFIG_FILE, config_json)
 

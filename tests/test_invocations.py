@@ -162,7 +162,7 @@ CASES = [
     ("export-torch --workdir={tmp}/nowhere --out={tmp}/model.pt", "nowhere does not exist"),
     ("export-torch --workdir={file} --out={tmp}/model.pt", "is a file, not a run directory"),
     # import-teacher.
-    ("import-teacher --torch_checkpoint={weights} --out={tmp}/teacher", "--arch is required"),
+    ("import-teacher --torch_checkpoint={weights} --out={tmp}/teacher", "give one of --arch NAME"),
     ("import-teacher --arch=small_cnn --out={tmp}/teacher", "--torch_checkpoint is required"),
     ("import-teacher --arch=small_cnn --torch-checkpoint={weights} --out={tmp}/teacher",
      "Unknown command line flag 'torch-checkpoint'"),
@@ -174,7 +174,13 @@ CASES = [
      "not a safetensors file"),
     (IMPORT + " --arch=resnet18", "do not fit a resnet18 with 10 classes"),
     (IMPORT + " --arch=nosuch", "nosuch"),
-    (IMPORT + " --arch=small_cnn --model_option=width", "--model_option='width' must look like KEY=INT"),
+    (IMPORT + " --arch=small_cnn --model_option=width", "--model_option='width' must look like KEY=VALUE"),
+    (IMPORT + " --arch=small_cnn --input_mean=0.5,x --input_std=1,1",
+     "--input_mean=0.5,x must be numbers"),
+    (IMPORT + " --arch=small_cnn --input_mean=0.5,0.5",
+     "input_mean (0.5, 0.5) and input_std () must be given together"),
+    (IMPORT + " --arch=small_cnn --dataset=cifar100",
+     "--dataset names the dataset of a --robustbench model"),
     (IMPORT + " --arch=small_cnn --model_option=depth=28", "'small_cnn' has no option 'depth'"),
     (IMPORT + " --arch=small_cnn", "do not fit a small_cnn with 10 classes"),
     (IMPORT + " --arch=small_cnn --num_classes=0", "num_classes=0 and image_shape=(8, 8, 1) must be positive"),
@@ -183,6 +189,23 @@ CASES = [
      "already exists and is not empty"),
     ("import-teacher --arch=small_cnn --torch_checkpoint={weights} --out={file}",
      "is a file, not a directory"),
+    # import-teacher --robustbench.
+    ("import-teacher --robustbench=Rebuffi2021Fixing --torch_checkpoint={weights} --out={tmp}/t",
+     "'Rebuffi2021Fixing' is not a supported RobustBench cifar10 Linf model; did you mean"),
+    ("import-teacher --robustbench=Addepalli2021Towards_PARN18 --torch_checkpoint={weights} "
+     "--out={tmp}/t", "it is a cifar100 model: add --dataset cifar100"),
+    ("import-teacher --robustbench=Engstrom2019Robustness --torch_checkpoint={weights} "
+     "--out={tmp}/t", "--robustbench list` prints the supported names"),
+    ("import-teacher --robustbench=Standard --dataset=imagenet --torch_checkpoint={weights} "
+     "--out={tmp}/t", "--dataset=imagenet"),
+    ("import-teacher --robustbench=Standard --arch=wrn --torch_checkpoint={weights} --out={tmp}/t",
+     "give one of --arch NAME"),
+    ("import-teacher --robustbench=Standard --num_classes=10 --torch_checkpoint={weights} "
+     "--out={tmp}/t", "--num_classes cannot be combined with --robustbench"),
+    ("import-teacher --robustbench=Standard --torch_checkpoint={weights}", "--out is required"),
+    ("import-teacher --robustbench=Rebuffi2021Fixing_R18_ddpm --torch_checkpoint={weights} "
+     "--out={tmp}/t", "is not RobustBench's cifar10 Rebuffi2021Fixing_R18_ddpm (dm_preact_resnet "
+     "depth=18 activation=swish, normalised"),
     # demo.
     ("demo", "--workdir is required"),
     ("demo --workdir={file}", "is a file, not a directory"),

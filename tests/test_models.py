@@ -17,7 +17,8 @@ import pytest
 from gacd_jax import models
 from gacd_jax.errors import ConfigError
 
-# Counts of `params` with a 10-way head; all but small_cnn are those of the public PyTorch models.
+# Counts of `params` with a 10-way head; all but small_cnn are those of the public PyTorch models
+# (RobustBench's classes for the last three; tests/test_robustbench.py checks them there).
 PARAM_COUNTS = {
     'resnet18': 11_173_962,
     'preact_resnet18': 11_172_170,
@@ -25,6 +26,9 @@ PARAM_COUNTS = {
     'wrn34_10': 46_160_474,
     'mobilenet_v2': 2_296_922,
     'small_cnn': 24_346,
+    'dm_wrn': 36_479_194,
+    'dm_preact_resnet': 12_548_426,
+    'preact_resnet18_fast': 11_171_146,
 }
 FEATURE_DIMS = {
     'resnet18': 512,
@@ -33,7 +37,12 @@ FEATURE_DIMS = {
     'wrn34_10': 640,
     'mobilenet_v2': 1280,
     'small_cnn': 64,
+    'dm_wrn': 640,
+    'dm_preact_resnet': 512,
+    'preact_resnet18_fast': 512,
 }
+# The architectures experiments/pytorch_baseline has; RobustBench's are checked against its own.
+BASELINE = sorted(set(PARAM_COUNTS) - {'dm_wrn', 'dm_preact_resnet', 'preact_resnet18_fast'})
 BATCH, IMAGE_SHAPE = 2, (32, 32, 3)
 
 
@@ -68,7 +77,7 @@ def test_param_count(name):
   assert _count(_abstract(name)[2]['params']) == PARAM_COUNTS[name]
 
 
-@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+@pytest.mark.parametrize('name', BASELINE)
 def test_torch_param_count(name):
   torch = pytest.importorskip('torch')
   from experiments.pytorch_baseline import models as torch_models
@@ -103,7 +112,7 @@ def _torch_to_flax(state_dict) -> dict:
   return flat
 
 
-@pytest.mark.parametrize('name', sorted(PARAM_COUNTS))
+@pytest.mark.parametrize('name', BASELINE)
 def test_naming_convention_matches_torch_state_dict(name):
   torch = pytest.importorskip('torch')
   from experiments.pytorch_baseline import models as torch_models
@@ -212,8 +221,49 @@ def test_invalid_values():
 def test_torch_build_errors():
   pytest.importorskip('torch')
   from experiments.pytorch_baseline import models as torch_models
-  assert torch_models.names() == models.names()
+  assert torch_models.names() == BASELINE
   with pytest.raises(ConfigError, match="'resnet50'.*resnet18"):
     torch_models.build('resnet50', 10)
   with pytest.raises(ConfigError, match="'resnet18'.*'width'"):
     torch_models.build('resnet18', 10, width=8)
+
+
+def test_input_preprocessing_is_off_by_default_and_pads_then_normalises():
+  x = _images((2, 6, 6, 3))
+  plain = models.SmallCNN(num_classes=5, width=4)  # the class without the options
+  variables = plain.init(jax.random.key(0), x)
+  np.testing.assert_array_equal(models.build('small_cnn', 5, width=4, store_conv_inputs=False)
+                                .apply(variables, x)[0], plain.apply(variables, x)[0])
+
+  mean, std = (0.4, 0.5, 0.6), (0.2, 0.25, 0.3)
+  module = models.build('small_cnn', 5, width=4, input_mean=list(mean), input_std=std,
+                        input_padding=2)
+  assert module.input_mean == mean  # lists (configs read back from JSON) become tuples
+  hash(module)
+  reference = (np.pad(np.asarray(x), ((0, 0), (2, 2), (2, 2), (0, 0))) - mean) / np.array(std)
+  np.testing.assert_allclose(module.apply(variables, x)[0],
+                             plain.apply(variables, jnp.asarray(reference, jnp.float32))[0],
+                             rtol=1e-6, atol=1e-6)
+  assert {'input_mean', 'input_std', 'input_padding'} <= set(models.options('resnet18'))
+
+
+def test_input_preprocessing_errors():
+  with pytest.raises(ConfigError, match='given together'):
+    models.build('small_cnn', 10, input_mean=(0.5, 0.5, 0.5))
+  with pytest.raises(ConfigError, match='must be positive'):
+    models.build('small_cnn', 10, input_mean=(0.5,), input_std=(0.0,))
+  with pytest.raises(ConfigError, match='non-negative integer'):
+    models.build('small_cnn', 10, input_padding=-1)
+  module = models.build('small_cnn', 10, input_mean=(0.5, 0.5), input_std=(1.0, 1.0))
+  with pytest.raises(ConfigError, match='2 values but the images have 3 channels'):
+    jax.eval_shape(lambda x: module.init(jax.random.key(0), x),
+                   jax.ShapeDtypeStruct((1, 8, 8, 3), jnp.float32))
+
+
+def test_robustbench_architecture_errors():
+  with pytest.raises(ConfigError, match='dm_wrn depth must be 6n'):
+    models.build('dm_wrn', 10, depth=30)
+  with pytest.raises(ConfigError, match="activation must be one of relu, swish, silu, got 'gelu'"):
+    models.build('dm_wrn', 10, activation='gelu')
+  with pytest.raises(ConfigError, match='dm_preact_resnet depth must be 18 or 34'):
+    models.build('dm_preact_resnet', 10, depth=50)

@@ -87,3 +87,11 @@ def test_each_test_starts_with_the_built_in_methods_only():
   """Runs after the tests above register the README's method (and in any order): none is left."""
   assert set(methods.names()) == set(baselines.REGISTRY) | set(gacd.REGISTRY)
   assert "logit_matching" not in methods.defaults()
+
+
+def test_the_readme_test_command_is_what_ci_runs():
+  ci = (README.parent / ".ci" / "run").read_text().strip().splitlines()[-1]
+  match = re.search(r"Run the tests \(what CI runs, through `\.ci/run`\):\s*```bash\n(.*?)\n```",
+                    README.read_text(), re.DOTALL)
+  assert match and match.group(1) == ci
+  assert "robustbench==1.1.1" in ci  # the parity tests' reference (tests/test_robustbench.py)
