@@ -347,7 +347,7 @@ def _tile_channels(images: np.ndarray, channels: int | None, name: str) -> np.nd
 def scale_uint8(images: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
   """uint8 [n, h, w, c] -> float32 [n, *image_shape] in [0, 1]: resized when the size differs,
   a single channel tiled when `image_shape` has more."""
-  scaled = images.astype(np.float32) / 255.0
+  scaled = np.divide(images, np.float32(255), dtype=np.float32)  # = astype(float32) / 255, one pass
   if scaled.shape[1:3] != tuple(image_shape[:2]):
     scaled = _resize(scaled, image_shape[0])
   if scaled.shape[-1] != image_shape[-1]:

@@ -134,7 +134,7 @@ def map_split(fn: MapFn, variables: Any, source: data.Source, *, batch_size: int
       batch["mask"] = batch["mask"] & (batch["index"] < n)  # cut the last batch to exactly n
       yield batch
 
-  # Read by a background thread, each batch on the devices a step ahead.
+  # Read and put on the devices by a background thread, ahead of the attacks.
   with feed.prefetch(batches(), sharding.batch_sharding(mesh)) as global_batches:
     results = map_batches(fn, variables, global_batches, rng=jax.random.key(seed), mesh=mesh,
                           sweep=sweep, desc=desc, total=-(-n // batch_size))

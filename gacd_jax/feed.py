@@ -5,13 +5,12 @@ Batching is stateless: the order of epoch `e` is a permutation drawn from `(seed
 resumed at step `s` reads exactly the batches it would have read, without replaying the first `s`.
 Every process computes the same global batch and reads only its own contiguous slice of it;
 `to_global` then assembles the slices into arrays sharded on the mesh's `data` axis. `prefetch`
-moves the reading (`Source.get`: indexing, decoding, scaling, resizing) to a background thread and
-the transfer to the devices one batch ahead of the step, without changing the order.
+moves the reading (`Source.get`: indexing, scaling, resizing) and the transfer to the devices to a
+background thread that works ahead of the steps, without changing the order.
 """
 
 from __future__ import annotations
 
-import collections
 import queue
 import threading
 import time
@@ -134,40 +133,38 @@ _END = object()
 
 
 class Prefetch:
-  """The batches of an iterator, read ahead by a background thread and put on the devices one
-  step ahead; the same batches in the same order as the iterator.
+  """The batches of an iterator, read and put on the devices by a background thread ahead of
+  their use; the same batches in the same order as the iterator.
 
   The thread pulls host batches from `batches` (where `Source.get` reads, decodes and scales
-  them) into a queue of `buffer`; `next` returns `put(batch)` of the oldest, having already
-  called `put` on the `ahead` batches after it, so their transfer (`to_global` is asynchronous)
-  overlaps the step that runs on this one. An exception raised while reading is raised by the
-  `next` that would have returned the batch it failed on. `close` (or leaving a `with` block)
-  stops the thread; it is a daemon, so it never holds up the process's exit.
+  them), calls `put` on each (`to_global`: the transfer to the devices) and queues the result;
+  `next` returns the oldest. With `buffer` batches queued and one more in the thread's hands,
+  the batches after the one a step runs on are already on the devices whenever reading keeps up
+  with the steps. An exception raised while reading is raised by the `next` that would have
+  returned the batch it failed on. `close` (or leaving a `with` block) stops the thread; it is a
+  daemon, so it never holds up the process's exit. Nothing is read before the first `next`.
 
   Attributes:
-    wait_seconds: the time `next` spent blocked on the thread or in `put`, i.e. the consumer's
-      time lost to input.
+    wait_seconds: the time `next` spent blocked, waiting for the thread: the consumer's time lost
+      to input.
   """
 
   def __init__(self, batches: Iterator[Batch], put: Callable[[Batch], dict] = lambda b: b, *,
-               buffer: int = 2, ahead: int = 1):
-    if buffer < 1 or ahead < 0:
-      raise ValueError(f"buffer must be >= 1 and ahead >= 0, got {buffer} and {ahead}")
+               buffer: int = 2):
+    if buffer < 1:
+      raise ValueError(f"buffer must be >= 1, got {buffer}")
     self._batches = batches
     self._put = put
-    self._ahead = ahead
     self._queue: queue.Queue = queue.Queue(maxsize=buffer)
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
-    self._ready: collections.deque = collections.deque()
-    self._error: BaseException | None = None
-    self._exhausted = False
+    self._finished = False
     self.wait_seconds = 0.0
 
   def _produce(self) -> None:
     try:
       for batch in self._batches:
-        if not self._offer(batch):
+        if not self._offer(self._put(batch)):
           return
       self._offer(_END)
     except BaseException as e:  # pylint: disable=broad-except  (re-raised by the consumer)
@@ -183,43 +180,28 @@ class Prefetch:
         continue
     return False
 
-  def _fill(self) -> None:
-    """Put batches on the devices until `ahead` wait behind the next one (or the end)."""
-    if self._thread is None:  # started by the first `next`: nothing is read for an unused one
-      self._thread = threading.Thread(target=self._produce, name="gacd-prefetch", daemon=True)
-      self._thread.start()
-    while len(self._ready) <= self._ahead and not self._exhausted and self._error is None:
-      item = self._queue.get()
-      if item is _END:
-        self._exhausted = True
-      elif isinstance(item, BaseException):
-        self._error = item
-      else:
-        self._ready.append(self._put(item))
-
   def __iter__(self) -> Prefetch:
     return self
 
   def __next__(self) -> dict:
-    tic = time.perf_counter()
-    try:
-      if self._stop.is_set():
-        raise StopIteration
-      self._fill()
-      if self._ready:
-        return self._ready.popleft()
-      if self._error is not None:
-        error, self._error = self._error, None
-        self._exhausted = True
-        raise error
+    if self._finished or self._stop.is_set():
       raise StopIteration
-    finally:
-      self.wait_seconds += time.perf_counter() - tic
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._produce, name="gacd-prefetch", daemon=True)
+      self._thread.start()
+    tic = time.perf_counter()
+    item = self._queue.get()
+    self.wait_seconds += time.perf_counter() - tic
+    if item is _END or isinstance(item, BaseException):
+      self._finished = True
+      if item is _END:
+        raise StopIteration
+      raise item
+    return item
 
   def close(self) -> None:
     """Stop the thread (at its next batch) and drop what it read ahead."""
     self._stop.set()
-    self._ready.clear()
     if self._thread is not None:
       self._thread.join(timeout=10)
 
@@ -232,8 +214,8 @@ class Prefetch:
 
 def prefetch(batches: Iterator[Batch], sharding: jax.sharding.NamedSharding | None = None, *,
              buffer: int = 2) -> Prefetch:
-  """`batches` read by a background thread, each made a global array on `sharding`
-  (`to_global`) one step ahead; host arrays unchanged when `sharding` is None."""
+  """`batches` read ahead by a background thread, which also makes each a global array on
+  `sharding` (`to_global`); host arrays unchanged when `sharding` is None."""
   put = (lambda batch: to_global(batch, sharding)) if sharding is not None else (lambda b: b)
   return Prefetch(batches, put, buffer=buffer)
 
@@ -249,5 +231,7 @@ def to_global(batch: dict[str, np.ndarray],
   Returns:
     The same keys; each array's leading dim is the global batch size.
   """
+  if jax.process_count() == 1:  # the same arrays, in one transfer
+    return jax.device_put(batch, sharding)
   return {key: jax.make_array_from_process_local_data(sharding, value)
           for key, value in batch.items()}

@@ -520,7 +520,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     pending: list[tuple[int, dict]] = []
     step = start_step
     bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
-    # Read by a background thread, each batch on the devices a step ahead (same order).
+    # Read and put on the devices by a background thread, ahead of the steps (same order).
     batches = feed.prefetch(feed.train_stream(
         source, global_batch_size=global_batch, seed=config.seed, start_step=step,
         process_index=jax.process_index(), process_count=jax.process_count()),

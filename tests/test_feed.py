@@ -69,22 +69,27 @@ def test_prefetch_delivers_the_same_batches_read_in_another_thread():
   assert threading.get_ident() not in {thread for thread, _ in source.reads}
 
 
-def test_prefetch_puts_the_next_batch_before_returning_this_one_and_reads_ahead():
-  events = []
+def test_prefetch_reads_and_puts_ahead_in_its_thread_and_nothing_before_the_first_next():
+  puts = []
 
   def put(batch):
-    events.append(("put", int(batch["index"][0])))
+    puts.append((threading.get_ident(), int(batch["index"][0])))
     return batch
 
   source = _Recording(num_examples=80)  # 10 batches
   batches = feed.Prefetch(data.eval_batches(source, global_batch_size=8), put, buffer=2)
-  assert not source.reads  # nothing is read before the first `next`
+  time.sleep(0.1)
+  assert not source.reads and not puts
+  got = []
   for _ in range(3):
-    events.append(("got", int(next(batches)["index"][0])))
-  assert events[:4] == [("put", 0), ("put", 8), ("got", 0), ("put", 16)]
-  time.sleep(0.2)
-  # The thread has read ahead: 4 batches taken from its queue, 2 in it, 1 waiting to go in.
-  assert len(source.reads) == 4 + 2 + 1
+    got.append(int(next(batches)["index"][0]))
+    time.sleep(0.1)  # a step; meanwhile the thread fills its queue again
+    # The batches after the one returned are on the devices already.
+    assert [first for _, first in puts][:len(got) + 2] == [8 * i for i in range(len(got) + 2)]
+  assert got == [0, 8, 16]
+  assert threading.get_ident() not in {thread for thread, _ in puts}
+  # 3 batches taken, 2 in the queue, 1 read and put, waiting to go in.
+  assert len(source.reads) == len(puts) == 3 + 2 + 1
   batches.close()
   assert not batches._thread.is_alive()  # pylint: disable=protected-access
   with pytest.raises(StopIteration):
