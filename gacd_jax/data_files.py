@@ -2,7 +2,7 @@
 
 `config.data.format` picks the reader; 'auto' looks at `data_dir` and finds the one format there:
 
-  tfds     `DIR/<name>/...`: a tfds array_record build, read example by example (random access).
+  tfds     `DIR/<name>/...`: a tfds array_record build, read a batch at a time (random access).
   python   the official CIFAR python batches: `DIR/cifar-10-batches-py/data_batch_1..5, test_batch`,
            `DIR/cifar-100-python/train, test` (fine labels). Read with `SafeUnpickler`, which
            builds numpy arrays and nothing else: the files' code is never run.
@@ -99,7 +99,8 @@ class SafeUnpickler(pickle.Unpickler):
 def check_format(name: str, fmt: str) -> None:
   """Raise ConfigError unless `fmt` is a format dataset `name` can be read in."""
   if fmt not in FORMATS:
-    raise ConfigError(f"unknown data format {fmt!r} (config.data.format); known formats: {', '.join(FORMATS)}")
+    raise ConfigError(f"unknown data format {fmt!r} (config.data.format); known formats: "
+                      f"{', '.join(FORMATS)}")
   if fmt == "auto":
     return
   if name not in NUM_CLASSES:
@@ -131,14 +132,17 @@ def detect(name: str, data_dir: str) -> str:
   return next(iter(found), "tfds")
 
 
-def _expected(name: str, root: pathlib.Path) -> str:
-  """What each format's files are called, for messages."""
-  parts = [f"{root / _PYTHON[name][0]}/ (python)"] if name in _PYTHON else []
-  return ", ".join(parts + [
-      f"{root / _BINARY[name][0]}/ (binary)",
-      f"{root}/train/<class>/ or test/<class>/ images (folder)", f"{root / name}.npz (npz)",
-      f"{root / name}/ (tfds array_record: `tfds build {name} --file_format=array_record "
-      f"--data_dir={root}`)"])
+def _expected(name: str, root: pathlib.Path, fmt: str = "auto") -> str:
+  """What the files of format `fmt` (all formats: 'auto') are called, for messages."""
+  where = {
+      "python": f"{root / _PYTHON[name][0]}/" if name in _PYTHON else "",
+      "binary": f"{root / _BINARY[name][0]}/",
+      "folder": f"{root}/train/<class>/ or test/<class>/ images",
+      "npz": f"{root / name}.npz",
+      "tfds": f"{root / name}/ (`tfds build {name} --file_format=array_record "
+              f"--data_dir={root}`)"}
+  return ", ".join(f"{path} ({kind})" for kind, path in where.items()
+                   if path and fmt in ("auto", kind))
 
 
 def _locate(name: str, fmt: str, root: pathlib.Path) -> pathlib.Path | None:
@@ -188,7 +192,8 @@ def open_split(name: str, split: str, fmt: str, data_dir: str, *, image_size: in
   where = _locate(name, fmt, root) if root is not None and root.exists() else None
   if where is None:
     raise DataError(f"found no {name} in {fmt} format in {data_dir or '(no data_dir)'}: expected "
-                    f"{_expected(name, root or pathlib.Path('DIR'))}; set --config.data.data_dir")
+                    f"{_expected(name, root or pathlib.Path('DIR'), fmt)}; set "
+                    "--config.data.data_dir")
   reader = {"python": _read_python, "binary": _read_binary, "folder": _read_folder,
             "npz": _read_npz}[fmt]
   images, labels = reader(name, split, where)
@@ -336,7 +341,7 @@ def _read_folder(name: str, split: str, root: pathlib.Path) -> tuple[np.ndarray,
   from PIL import Image  # pylint: disable=g-import-not-at-top
 
   classes = sorted({d.name for s in ("train", "test") if (root / s).is_dir()
-                    for d in (root / s).iterdir() if d.is_dir()})
+                    for d in (root / s).iterdir() if d.is_dir() and not d.name.startswith(".")})
   if len(classes) != NUM_CLASSES[name]:
     raise DataError(f"{root} has {len(classes)} class folders under train/ and test/ "
                     f"({', '.join(classes[:12])}{', ...' if len(classes) > 12 else ''}), but "

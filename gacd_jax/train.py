@@ -521,10 +521,11 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     step = start_step
     bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
     # Read and put on the devices by a background thread, ahead of the steps (same order).
-    batches = feed.prefetch(feed.train_stream(
-        source, global_batch_size=global_batch, seed=config.seed, start_step=step,
-        process_index=jax.process_index(), process_count=jax.process_count()),
-                            sharding.batch_sharding(mesh))
+    batches = feed.prefetch(
+        feed.train_stream(source, global_batch_size=global_batch, seed=config.seed,
+                          start_step=step, process_index=jax.process_index(),
+                          process_count=jax.process_count()),
+        sharding.batch_sharding(mesh))
     try:
       with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
         tic, waited = time.perf_counter(), 0.0

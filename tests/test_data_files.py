@@ -125,7 +125,7 @@ def _class_names(name):
 def _write_folder(name, dataset, root: pathlib.Path) -> None:
   classes = _class_names(name)
   for split, (images, labels) in dataset.items():
-    for cls in classes:
+    for cls in (*classes, ".ipynb_checkpoints"):  # a hidden folder is no class
       (root / split / cls).mkdir(parents=True)
     for i, (image, label) in enumerate(zip(images, labels)):
       Image.fromarray(image).save(root / split / classes[label] / f"{i:05d}.png")
@@ -280,6 +280,8 @@ def _break(kind: str, dirs: dict, tmp: pathlib.Path) -> tuple[str, str]:
     root = _copy(dirs["python"], tmp)
     (root / "cifar-10-batches-py" / "data_batch_3").unlink()
     return str(root), "auto"
+  if kind == "another_format_named":
+    return str(_copy(dirs["binary"], tmp)), "npz"
   if kind == "cut_short":
     root = _copy(dirs["binary"], tmp)
     path = root / "cifar-10-batches-bin" / "data_batch_2.bin"
@@ -326,6 +328,7 @@ def _break(kind: str, dirs: dict, tmp: pathlib.Path) -> tuple[str, str]:
 
 BAD = [
     ("missing_file", "data_batch_3 is missing"),
+    ("another_format_named", "found no cifar10 in npz format in"),
     ("cut_short", "not a whole number of 3073-byte records"),
     ("label_out_of_range", "labels run from 0 to 10, outside cifar10's 0 .. 9"),
     ("not_a_batch", "a CIFAR batch holds uint8 [N, 3072]"),
