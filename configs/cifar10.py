@@ -3,8 +3,9 @@ its paper's recipe (the table in `gacd_jax/recipes.py`).
 
 The argument after ':' is a comma-separated list: a method (default gacd), a student architecture
 (default resnet18; mobilenet_v2 for the other student), 'teacher' for the teacher itself, and
-'runlocal' to shrink everything for a laptop. The data is tfds' cifar10 in array_record format
-(`--config.data.data_dir=DIR`; `gacd_jax.data` says how to prepare it).
+'runlocal' to shrink everything for a laptop. The data is read from `--config.data.data_dir=DIR`:
+the official python or binary batches, class folders of images, an .npz or a tfds array_record
+build, found there by `--config.data.format=auto` (`gacd_jax/data_files.py`).
 
   # The teacher: TRADES' published WRN-34-10 (model_cifar_wrn.pt from yaodongyu/TRADES) ...
   gacd-jax import-teacher --arch wrn34_10 --torch_checkpoint model_cifar_wrn.pt \

@@ -5,8 +5,9 @@ code).
 
 The argument after ':' is a comma-separated list: a method (default gacd), a student architecture
 (default resnet18; mobilenet_v2 for the other student), 'teacher' for the teacher itself, and
-'runlocal' to shrink everything for a laptop. The data is tfds' cifar100 in array_record format
-(`--config.data.data_dir=DIR`).
+'runlocal' to shrink everything for a laptop. The data is read from `--config.data.data_dir=DIR`
+(the official python or binary files, class folders, an .npz or a tfds array_record build;
+`gacd_jax/data_files.py`).
 
   # The teacher: a converted PyTorch WRN-34-10 of 100 classes ...
   gacd-jax import-teacher --arch wrn34_10 --num_classes 100 --torch_checkpoint TEACHER.pt \

@@ -14,7 +14,8 @@ replacement as CRD does.
 
 The argument after ':' is a comma-separated list: a method (default gacd), a student architecture
 (default resnet18; mobilenet_v2 for the other student), and 'runlocal' to shrink everything for a
-laptop. The data is tfds' stl10 in array_record format (`--config.data.data_dir=DIR`).
+laptop. The data is read from `--config.data.data_dir=DIR` (the official stl10_binary files,
+class folders, an .npz or a tfds array_record build; `gacd_jax/data_files.py`).
 
   gacd-jax train --config configs/stl10.py:gacd,resnet18 --workdir runs/stl10/gacd_resnet18 \
       --config.teacher.workdir=runs/cifar10/teacher

@@ -21,6 +21,9 @@ Work items (`--only`, comma-separated), on synthetic CIFAR-shaped data:
   train_step  a natural step (CE on clean inputs)
   pgd10       PGD-10 on the student's CE, BatchNorm on running statistics
   forward     the student's eval-mode forward
+  input_pipeline  not a step: images/s delivered to the device from each stored data format and
+              the train loop's share of time waiting for data (`experiments/input_pipeline.py`;
+              `--input-examples` images, `--batch` a step; its own table)
 Both sides use the same weights (converted with torch_convert) and do the same math; the JAX step's
 augmentation is off (the PyTorch side would augment in its data loader).
 
@@ -72,6 +75,7 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
+from experiments import input_pipeline
 from experiments.pytorch_baseline import attacks as torch_attacks
 from experiments.pytorch_baseline import crd as torch_crd
 from experiments.pytorch_baseline import models as torch_models
@@ -89,7 +93,8 @@ from gacd_jax import train
 from gacd_jax.methods import gacd as gacd_lib
 from gacd_jax.methods import InitInfo
 
-WORKS = ("gacd_step", "ard_step", "rslad_step", "train_step", "pgd10", "forward")
+WORKS = ("gacd_step", "ard_step", "rslad_step", "train_step", "pgd10", "forward",
+         "input_pipeline")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +443,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                       help=f"comma-separated work items among {', '.join(WORKS)}")
   parser.add_argument("--jax-only", action="store_true", help="skip the PyTorch side")
   parser.add_argument("--cache", default="", help="JAX's persistent compilation cache directory")
+  parser.add_argument("--input-examples", type=int, default=10000,
+                      help="input_pipeline: CIFAR-sized training images written per format")
   args = parser.parse_args(argv)
   unknown = sorted(set(args.only.split(",")) - set(WORKS))
   if unknown:
@@ -454,6 +461,12 @@ def main(argv: Optional[list[str]] = None) -> None:
   pin_threads(args.threads)
   torch.set_num_threads(args.threads)
   runtime.enable_compilation_cache(args.cache or None)
+  works = args.only.split(",")
+  if "input_pipeline" in works:
+    works.remove("input_pipeline")
+    print_input_pipeline(args, argv)
+    if not works:
+      return
 
   peak, derivation = nominal_peak(args.threads)
   ceiling = matmul_ceiling()
@@ -481,7 +494,7 @@ def main(argv: Optional[list[str]] = None) -> None:
         print(f"- logit drift of {args.precision} from fp32 (student, eval forward, max |diff| / "
               f"max |logit|): JAX {drift_jax:.2e}, PyTorch autocast {drift_torch:.2e}",
               flush=True)
-      for name in args.only.split(","):
+      for name in works:
         if name != "gacd_step" and negatives != args.negatives[0]:
           continue  # only GACD has negatives
         work = getattr(bench, name)()
@@ -506,6 +519,18 @@ def main(argv: Optional[list[str]] = None) -> None:
   print(f"- load average after: {_load()} (other processes on these CPUs slow both sides)\n")
   keys = list(dict.fromkeys(k for row in rows for k in row))
   print(report.markdown_table([{k: row.get(k, "") for k in keys} for row in rows]))
+
+
+def print_input_pipeline(args: argparse.Namespace, argv: Optional[list[str]]) -> None:
+  """The `input_pipeline` row: its header and table (see `experiments/input_pipeline.py`)."""
+  print(f"# Input pipeline: CIFAR-10-sized images from each stored format\n")
+  print(f"- command: `python -m experiments.benchmark {' '.join(argv or sys.argv[1:])}`")
+  print(f"- jax {jax.__version__}, python {platform.python_version()}, "
+        f"{len(os.sched_getaffinity(0))} CPUs, {args.input_examples} training images a format, "
+        f"batch {args.batch[0]}; load average before: {_load()}", flush=True)
+  rows = input_pipeline.run(args.input_examples, args.batch[0])
+  print(f"- load average after: {_load()}\n")
+  print(report.markdown_table(rows), flush=True)
 
 
 if __name__ == "__main__":

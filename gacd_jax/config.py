@@ -49,7 +49,10 @@ def default() -> ConfigDict:
   c.data.name = "digits"
   c.data.image_size = 0      # 0: the dataset's own size
   c.data.channels = 0        # 0: the dataset's own channel count
-  c.data.data_dir = ""       # tfds data_dir; '' for tfds' default
+  c.data.data_dir = ""       # where cifar10/cifar100/stl10 are stored; '' for tfds' default
+  # How they are stored: auto (found from data_dir), tfds, python, binary, folder, npz
+  # (gacd_jax/data_files.py); the other datasets take only auto.
+  c.data.format = "auto"
   c.data.num_examples = 0    # use the first N examples of each split (synthetic: make N); 0: all
   c.data.num_classes = 0     # synthetic: how many classes; others: must match; 0: the dataset's
   # Keep only these original labels, relabelled 0 .. k-1 in this order, e.g. (5, 6, 7, 8, 9)
@@ -148,7 +151,7 @@ def _positive(value, key):
 
 def validate(c: ConfigDict) -> None:
   """Raise `ConfigError` naming the key for anything out of range or unknown."""
-  from gacd_jax import data, models  # pylint: disable=g-import-not-at-top
+  from gacd_jax import data, data_files, models  # pylint: disable=g-import-not-at-top
   if c.model.name not in models.names():
     raise errors.ConfigError(
         f"unknown model {c.model.name!r}; known models: {', '.join(models.names())}")
@@ -160,6 +163,7 @@ def validate(c: ConfigDict) -> None:
     raise errors.ConfigError(
         f"unknown dataset {c.data.name!r}; known datasets: {', '.join(data.names())}")
   data.check_classes(c.data.classes)  # against the dataset's labels when it is built
+  data_files.check_format(c.data.name, c.data.format)
   methods.build(c.method)  # raises for an unknown method
   _choice(c.method.kl_reduction, losses.KL_REDUCTIONS, "method.kl_reduction")
   _choice(c.precision, tuple(PRECISIONS), "precision")

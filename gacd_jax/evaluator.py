@@ -25,6 +25,7 @@ from jax.experimental import multihost_utils
 from tqdm import tqdm
 
 from gacd_jax import data
+from gacd_jax import feed
 from gacd_jax import sharding
 
 # (variables, x, y, rng, *args) -> {name: [B, ...]}
@@ -124,18 +125,19 @@ def map_split(fn: MapFn, variables: Any, source: data.Source, *, batch_size: int
   mesh = mesh or sharding.make_mesh()
   sharding.check_batch_size(batch_size, mesh, "eval.batch_size")
   n = min(source.num_examples, max_examples or source.num_examples)
-  batch_sharding = sharding.batch_sharding(mesh)
 
   def batches():
-    host_batches = data.eval_batches(source, global_batch_size=batch_size,
+    host_batches = feed.eval_batches(source, global_batch_size=batch_size,
                                      process_index=jax.process_index(),
                                      process_count=jax.process_count())
     for _, batch in zip(range(-(-n // batch_size)), host_batches):
       batch["mask"] = batch["mask"] & (batch["index"] < n)  # cut the last batch to exactly n
-      yield data.to_global(batch, batch_sharding)
+      yield batch
 
-  results = map_batches(fn, variables, batches(), rng=jax.random.key(seed), mesh=mesh,
-                        sweep=sweep, desc=desc, total=-(-n // batch_size))
+  # Read and put on the devices by a background thread, ahead of the attacks.
+  with feed.prefetch(batches(), sharding.batch_sharding(mesh)) as global_batches:
+    results = map_batches(fn, variables, global_batches, rng=jax.random.key(seed), mesh=mesh,
+                          sweep=sweep, desc=desc, total=-(-n // batch_size))
   # The split's order, however the hosts' slices sit on the mesh.
   orders = [np.argsort(result.pop("index"), kind="stable") for result in results]
   return [{name: value[order] for name, value in result.items()}

@@ -169,7 +169,7 @@ def uses_teacher(method_config: ConfigDict) -> bool:
 def student_config(dataset: str, arg: Optional[str], *, image_size: int = 0,
                    allowed_methods: Optional[tuple[str, ...]] = None, why_not: str = "",
                    teacher_config: Optional[str] = None) -> ConfigDict:
-  """A config for the variant `arg` names on `dataset` (a tfds name), with its method's recipe.
+  """A config for the variant `arg` names on `dataset` (cifar10, cifar100 or stl10), with its method's recipe.
 
   Args:
     dataset: 'cifar10', 'cifar100' or 'stl10'.

@@ -30,6 +30,7 @@ from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
+from gacd_jax import feed
 from gacd_jax import losses
 from gacd_jax import methods
 from gacd_jax import models
@@ -513,55 +514,51 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     teacher_variables = jax.device_put(teacher.variables, replicated) if teacher else None
 
     step_fn = jit_step(train_step, mesh)
-    batch_sharding = sharding.batch_sharding(mesh)
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
     log = MetricsLog(workdir, start_step)
     last: dict[str, float] = {}
     pending: list[tuple[int, dict]] = []
     step = start_step
     bar = _progress(total_steps, start_step, f"train {config.method.name}", progress)
+    # Read and put on the devices by a background thread, ahead of the steps (same order).
+    batches = feed.prefetch(
+        feed.train_stream(source, global_batch_size=global_batch, seed=config.seed,
+                          start_step=step, process_index=jax.process_index(),
+                          process_count=jax.process_count()),
+        sharding.batch_sharding(mesh))
     try:
       with checkpoints.manager(workdir, config.train.keep_checkpoints) as mngr:
-        tic = time.perf_counter()
+        tic, waited = time.perf_counter(), 0.0
         while step < end_step:
-          epoch = step // steps_per_epoch
-          batches = data.train_batches(
-              source, global_batch_size=global_batch, seed=config.seed, epoch=epoch,
-              start_step=step % steps_per_epoch, process_index=jax.process_index(),
-              process_count=jax.process_count())
-          for batch in batches:
-            state, metrics = step_fn(state, teacher_variables,
-                                     data.to_global(batch, batch_sharding), step_rng)
-            pending.append((step, metrics))
-            step += 1
-            bar.update(1)
-            done = step >= end_step
-            save = step % config.train.checkpoint_every == 0 or done
-            # Metrics, with the step's non-finite check, are read before every save, so a
-            # non-finite state is never checkpointed.
-            if step % config.train.log_every == 0 or save:
-              last = _flush(pending, log, bar, tic)
-              pending, tic = [], time.perf_counter()
-            if save:
-              checkpoints.save(mngr, step, state)
-            if done:
-              break
+          state, metrics = step_fn(state, teacher_variables, next(batches), step_rng)
+          pending.append((step, metrics))
+          step += 1
+          bar.update(1)
+          save = step % config.train.checkpoint_every == 0 or step >= end_step
+          # Metrics, with the step's non-finite check, are read before every save, so a
+          # non-finite state is never checkpointed.
+          if step % config.train.log_every == 0 or save:
+            last = _flush(pending, log, bar, tic, batches.wait_seconds - waited)
+            pending, tic, waited = [], time.perf_counter(), batches.wait_seconds
+          if save:
+            checkpoints.save(mngr, step, state)
         mngr.wait_until_finished()
     finally:
+      batches.close()
       bar.close()
       log.close()
   return last
 
 
-def all_labels(source: data.Source, chunk: int = 4096) -> np.ndarray:
+def all_labels(source: data.Source) -> np.ndarray:
   """The label of every example of `source`, by index: `[num_examples]` int32."""
-  return np.concatenate([
-      source.get(np.arange(i, min(i + chunk, source.num_examples)))["label"]
-      for i in range(0, source.num_examples, chunk)]).astype(np.int32)
+  return source.labels().astype(np.int32)
 
 
-def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) -> dict[str, float]:
-  """Read the pending steps' metrics from the device, stop on a non-finite state, log the mean."""
+def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float,
+           waited: float = 0.0) -> dict[str, float]:
+  """Read the pending steps' metrics from the device, stop on a non-finite state, log the mean
+  (and `input_wait`: the share of the wall time since `tic` spent waiting `waited` s for data)."""
   fetched = jax.device_get([m for _, m in pending])
   for (step, _), metrics in zip(pending, fetched):
     code = int(metrics.pop("nonfinite"))
@@ -573,7 +570,9 @@ def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float) ->
           "config.optim.lr (optim.* may change when resuming) or check the data, then run the "
           "same command to resume from the last checkpoint")
   mean = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
-  mean["steps_per_s"] = len(pending) / max(time.perf_counter() - tic, 1e-9)
+  elapsed = max(time.perf_counter() - tic, 1e-9)
+  mean["steps_per_s"] = len(pending) / elapsed
+  mean["input_wait"] = waited / elapsed
   log.write(pending[-1][0] + 1, mean)
   bar.set_postfix(loss=f"{mean['loss']:.3f}",
                   **{k: f"{mean[k]:.3f}" for k in ("clean_acc", "adv_acc") if k in mean})
