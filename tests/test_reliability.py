@@ -25,6 +25,7 @@ from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import sharding
 from gacd_jax import train
+from gacd_jax.methods import gacd as gacd_lib
 from tests import helpers
 from tests.test_train import _step_setup
 
@@ -307,3 +308,66 @@ def test_a_damaged_checkpoint_is_refused_and_training_falls_back_to_the_previous
   _, after = checkpoints.restore(tmp_path)  # steps 3 and 4 again, from checkpoint 2
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=0, atol=1e-6), before, after)
   assert _logged_steps(tmp_path) == [2, 4]
+
+
+# ---------------------------------------------------------------------------------------------
+# kill -9 in the middle of a checkpoint write.
+
+# Trains the tiny GACD run of `_kill_config` and SIGKILLs itself at one point of the checkpoint
+# write of step `sys.argv[3]`: 'commit' (every file written to orbax's temporary directory, just
+# before the rename that commits it) or 'manifest' (committed, before its SHA-256 manifest).
+KILLED_RUN = """
+import os, pathlib, signal, sys
+from orbax.checkpoint._src.path import async_path
+from gacd_jax import checkpoints, train
+from tests.test_reliability import _kill_config
+teacher, workdir, step, point = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
+
+def die():
+  os.kill(os.getpid(), signal.SIGKILL)
+
+rename, write_json = async_path.rename, checkpoints.write_json
+async def rename_or_die(src, dst):
+  if point == "commit" and pathlib.Path(dst).name == step:
+    die()
+  return await rename(src, dst)
+def write_json_or_die(path, obj):
+  path = pathlib.Path(path)
+  if point == "manifest" and path.name == checkpoints.MANIFEST_FILE and path.parent.name == step:
+    die()
+  return write_json(path, obj)
+async_path.rename, checkpoints.write_json = rename_or_die, write_json_or_die
+train.train(_kill_config(teacher), workdir, progress=False)
+"""
+
+
+def _kill_config(teacher: str):
+  """A tiny GACD run with memory banks (8 steps, checkpoints every 2)."""
+  config = helpers.tiny_config("gacd", epochs=2, teacher_workdir=teacher)
+  config.method.gacd.update(gacd_lib.RECONSTRUCTION)
+  return config
+
+
+def test_kill_9_during_a_checkpoint_write_then_resume_is_bit_identical(tmp_path):
+  teacher = tmp_path / "teacher"
+  train.train(helpers.tiny_config("natural"), str(teacher), progress=False, stop_after=1)
+  config = _kill_config(str(teacher))
+  train.train(config, str(tmp_path / "whole"), progress=False)
+
+  killed = tmp_path / "killed"
+  env = dict(os.environ, PYTHONPATH=helpers.REPO, XLA_FLAGS=helpers.device_flags(1))
+  for step, point, latest in (("4", "commit", 2), ("6", "manifest", 6)):
+    proc = subprocess.run([sys.executable, "-c", KILLED_RUN, str(teacher), str(killed), step,
+                           point], env=env, capture_output=True, text=True, timeout=600,
+                          cwd=helpers.REPO)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    # The interrupted checkpoint never became the latest, or became it complete but unverified.
+    assert checkpoints.latest_step(killed) == latest
+    assert (killed / "checkpoints" / step / checkpoints.MANIFEST_FILE).exists() is False
+  train.train(config, str(killed), progress=False)
+
+  whole, resumed = _all_checkpoints(tmp_path / "whole"), _all_checkpoints(killed)
+  assert sorted(whole) == sorted(resumed) == [6, 8]
+  assert resumed[8]["method_state"], "the run has no memory banks to compare"
+  jax.tree.map(np.testing.assert_array_equal, whole[8], resumed[8])
+  assert _logged_steps(killed) == _logged_steps(tmp_path / "whole")
