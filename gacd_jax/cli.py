@@ -38,6 +38,7 @@ commands:
              --runs=DIR,DIR,... --out DIR [--teacher DIR] [--curves] [--config FILE]
   probe      train a linear probe on a run's frozen features on another dataset and attack
              probe and backbone end to end:  --workdir DIR --config FILE --out DIR
+  info       what a run here would run on: backend, devices, processes, versions, XLA flags
 
 `gacd-jax COMMAND --help` lists a command's flags.
 """
@@ -134,6 +135,11 @@ def _run_evaluate():
   config = _required_config()
   evaluate.evaluate_run(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
   print((__import__("pathlib").Path(flags.FLAGS.workdir) / "report.md").read_text())
+
+
+def _run_info():
+  for key, value in runtime.environment().items():
+    print(f"{key + ':':<22} {value}")
 
 
 def _define_demo():
@@ -317,6 +323,7 @@ COMMANDS: dict[str, Command] = {
     "export-torch": Command(_define_export_torch, _run_export_torch),
     "analyse": Command(_define_analyse, _run_analyse, config=True),
     "probe": Command(_define_probe, _run_probe, config=True),
+    "info": Command(lambda: None, _run_info),
 }
 
 

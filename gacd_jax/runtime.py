@@ -16,10 +16,11 @@ aborts it, so a library asks instead of changing the process behind the user's b
 And the one backend decision the launchers pass to the models, `store_conv_inputs`.
 """
 
+import importlib.util
 import os
 import pathlib
 import warnings
-from typing import Mapping, MutableMapping, Optional
+from typing import Any, Mapping, MutableMapping, Optional
 
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 CACHE_ENV = "GACD_JAX_COMPILATION_CACHE"
@@ -37,10 +38,34 @@ def store_conv_inputs(backend: str) -> bool:
   return backend == "cpu"
 
 
-def set_xla_flags(environ: MutableMapping[str, str] = os.environ) -> bool:
-  """Set this project's XLA CPU flags unless `XLA_FLAGS` is set. Must run before JAX initialises
-  its backends. Returns whether the flags were set."""
-  if "XLA_FLAGS" in environ:
+# The packages through which jax finds a GPU or TPU (jax[cuda12] and jax[tpu] install them).
+ACCELERATOR_PLUGINS = {"gpu": ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"),
+                       "tpu": ("libtpu",)}
+
+
+def expected_backend(environ: Mapping[str, str] = os.environ,
+                     installed: Optional[set[str]] = None) -> str:
+  """The backend JAX will pick, decided before JAX starts (so that CPU-only settings can be left
+  off elsewhere): the first of `JAX_PLATFORMS` if set, else 'tpu' or 'gpu' if its plugin is
+  installed, else 'cpu'. `installed`: the plugin modules present (default: looked up)."""
+  platforms = [p.strip() for p in environ.get("JAX_PLATFORMS", "").split(",") if p.strip()]
+  if platforms:
+    return {"cuda": "gpu", "rocm": "gpu"}.get(platforms[0], platforms[0])
+  if installed is None:
+    installed = {m for mods in ACCELERATOR_PLUGINS.values() for m in mods
+                 if importlib.util.find_spec(m) is not None}
+  for backend in ("tpu", "gpu"):
+    if installed & set(ACCELERATOR_PLUGINS[backend]):
+      return backend
+  return "cpu"
+
+
+def set_xla_flags(environ: MutableMapping[str, str] = os.environ,
+                  backend: Optional[str] = None) -> bool:
+  """Set this project's XLA CPU flags unless `XLA_FLAGS` is set or JAX will run on a GPU/TPU
+  (`expected_backend`). Must run before JAX initialises its backends. Returns whether the flags
+  were set."""
+  if "XLA_FLAGS" in environ or (backend or expected_backend(environ)) != "cpu":
     return False
   environ["XLA_FLAGS"] = CPU_XLA_FLAGS
   return True
@@ -92,6 +117,26 @@ def enable_compilation_cache(directory: Optional[str]) -> None:
   jax.config.update("jax_compilation_cache_dir", directory)
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def environment() -> dict[str, Any]:
+  """What a run runs on: backend, devices, processes, versions, XLA flags and the backend-
+  dependent decisions (`gacd-jax info` prints it; `train` records it in run.json)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jaxlib  # pylint: disable=g-import-not-at-top
+  backend = jax.default_backend()
+  kinds: dict[str, int] = {}
+  for device in jax.devices():
+    kinds[device.device_kind] = kinds.get(device.device_kind, 0) + 1
+  return {
+      "backend": backend, "devices": kinds, "device_count": jax.device_count(),
+      "local_device_count": jax.local_device_count(), "process_count": jax.process_count(),
+      "process_index": jax.process_index(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+      "flax": flax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
+      "store_conv_inputs": store_conv_inputs(backend),
+      "slow_cpu_convolutions": slow_cpu_convolutions(backend),
+  }
 
 
 def configure(environ: MutableMapping[str, str] = os.environ) -> None:

@@ -500,7 +500,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
         "image_shape": list(source.image_shape), "num_classes": source.num_classes,
         "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
-        "teacher": teacher.record if teacher else None})
+        "teacher": teacher.record if teacher else None, "environment": runtime.environment()})
 
     start_step = 0
     if checkpoints.latest_step(workdir) is not None:

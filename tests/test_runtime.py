@@ -1,6 +1,7 @@
 """The start-up settings and the precision switch are applied (a regression guard, not a timing
 test)."""
 
+import pathlib
 import warnings
 
 import jax
@@ -19,9 +20,58 @@ from tests import test_train
 
 def test_xla_flags_are_set_only_when_the_user_has_not_set_them():
   env = {}
-  assert runtime.set_xla_flags(env) and env["XLA_FLAGS"] == runtime.CPU_XLA_FLAGS
+  assert runtime.set_xla_flags(env, backend="cpu") and env["XLA_FLAGS"] == runtime.CPU_XLA_FLAGS
   env = {"XLA_FLAGS": "--xla_dump_to=/tmp/x"}
-  assert not runtime.set_xla_flags(env) and env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+  assert not runtime.set_xla_flags(env, "cpu") and env["XLA_FLAGS"] == "--xla_dump_to=/tmp/x"
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_cpu_only_tuning_is_off_on_accelerators(backend):
+  env = {}
+  assert not runtime.set_xla_flags(env, backend) and "XLA_FLAGS" not in env
+  assert not runtime.store_conv_inputs(backend)
+  assert not runtime.slow_cpu_convolutions(backend, {})
+  assert runtime.store_conv_inputs("cpu") and runtime.slow_cpu_convolutions("cpu", {})
+
+
+@pytest.mark.parametrize("environ,installed,backend", [
+    ({}, set(), "cpu"),
+    ({}, {"jax_cuda12_plugin"}, "gpu"),
+    ({}, {"libtpu"}, "tpu"),
+    ({"JAX_PLATFORMS": "cpu"}, {"jax_cuda12_plugin"}, "cpu"),  # the user's choice wins
+    ({"JAX_PLATFORMS": "cuda,cpu"}, set(), "gpu"),
+    ({"JAX_PLATFORMS": "tpu"}, set(), "tpu"),
+])
+def test_the_backend_is_known_before_jax_starts(environ, installed, backend):
+  assert runtime.expected_backend(environ, installed) == backend
+  env = dict(environ)
+  assert runtime.set_xla_flags(env, runtime.expected_backend(environ, installed)) == (
+      backend == "cpu")
+
+
+def test_info_names_backend_devices_processes_versions_and_flags(capsys):
+  with pytest.raises(SystemExit) as e:  # info has no flags of its own: --bogus is refused
+    cli.main(["gacd-jax", "info", "--bogus"])
+  assert e.value.code == 2
+  cli.main(["gacd-jax", "info"])
+  printed = dict(line.split(":", 1) for line in capsys.readouterr().out.splitlines())
+  printed = {k: v.strip() for k, v in printed.items()}
+  assert printed["backend"] == jax.default_backend()
+  assert printed["device_count"] == str(jax.device_count())
+  assert printed["process_count"] == "1" and printed["jax"] == jax.__version__
+  assert runtime.CPU_XLA_FLAGS in printed["xla_flags"]  # set by the tests' conftest, as the CLI
+  assert printed["store_conv_inputs"] == "True"
+
+
+def test_the_accelerator_extras_pin_the_jax_of_the_cpu_install():
+  import configparser  # pylint: disable=g-import-not-at-top
+  setup = configparser.ConfigParser()
+  setup.read(pathlib.Path(__file__).resolve().parent.parent / "setup.cfg")
+  requires = setup["options"]["install_requires"].split()
+  jax_pin = next(r for r in requires if r.startswith("jax=="))
+  extras = setup["options.extras_require"]
+  for extra, plugin in (("cuda12", "jax[cuda12]"), ("tpu", "jax[tpu]")):
+    assert extras[extra].split() == [plugin + jax_pin[len("jax"):]], extras[extra]
 
 
 def test_compilation_cache_is_on_by_default_and_can_be_moved_or_turned_off(tmp_path):
