@@ -11,10 +11,7 @@ never checkpointed with the student.
 """
 
 import dataclasses
-import json
-import os
 import pathlib
-import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -34,19 +31,13 @@ from gacd_jax import feed
 from gacd_jax import losses
 from gacd_jax import methods
 from gacd_jax import models
+from gacd_jax import rundir
 from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax.methods import Context, InitInfo, Method
 
 PyTree = Any
 State = dict[str, Any]
-
-# Keys that may change between a run and its resumption: more epochs, another logging cadence,
-# and the optimizer's settings (a lower learning rate or another schedule after a divergence).
-# Changing optim.momentum to or from 0 changes the optimizer state's shape, which cannot resume.
-RESUMABLE_CHANGES = ("train.epochs", "train.log_every", "train.checkpoint_every",
-                     "train.keep_checkpoints", "eval", "optim")
-
 
 class NonFiniteError(errors.GacdError):
   """The loss, the gradient or the state became NaN or infinite."""
@@ -311,129 +302,6 @@ def _check_teacher_classes(config: ConfigDict, step: Callable, abstract_state: A
 # The loop.
 
 
-def _flatten(d: dict, prefix: str = "") -> dict:
-  out = {}
-  for k, v in d.items():
-    key = f"{prefix}{k}"
-    if isinstance(v, dict):
-      out.update(_flatten(v, key + "."))
-    else:
-      out[key] = v
-  return out
-
-
-def config_differences(old: dict, new: dict) -> list[str]:
-  """Config keys whose values differ, ignoring those a resumed run may change.
-
-  A key the old run's config lacks (a switch added to gacd_jax since) is no difference when the
-  new config holds its default: a new switch's default is the behaviour the run was made with.
-  """
-  old_flat, new_flat = _flatten(old), _flatten(new)
-  defaults = _flatten(json.loads(config_lib.to_json(config_lib.default())))
-  keys = sorted(old_flat.keys() | new_flat.keys())
-  return [k for k in keys if old_flat.get(k) != new_flat.get(k)
-          and not (k not in old_flat and k in defaults and new_flat.get(k) == defaults[k])
-          and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
-
-
-def prepare_workdir(workdir: pathlib.Path, config: ConfigDict, overwrite: bool,
-                    teacher_record: Optional[dict] = None) -> None:
-  """Refuse a workdir holding another config's run, or a run distilled from another teacher
-  (`teacher_record`: what run.json records of the teacher now), unless told to overwrite it;
-  write config.json.
-
-  A config differing only in `RESUMABLE_CHANGES` (e.g. `optim.*`) resumes the run, and
-  config.json then records the new config. Call it only once the config is known to be valid.
-  """
-  config_path = workdir / checkpoints.CONFIG_FILE
-  new = json.loads(config_lib.to_json(config))
-  if config_path.exists():
-    diffs = config_differences(checkpoints.read_json(config_path), new)
-    if diffs and not overwrite:
-      raise errors.ConfigError(
-          f"{workdir} holds a run with a different config (differs in: {', '.join(diffs[:10])}); "
-          "use another --workdir, or pass --overwrite to replace that run")
-    started_with = None if diffs else _teacher_started_with(workdir, teacher_record)
-    if started_with and not overwrite:
-      raise errors.CheckpointError(
-          f"the teacher changed since the run in {workdir} started: "
-          f"{teacher_record['workdir']} now holds weights with hash "
-          f"{teacher_record['sha256'][:12]}, the run was distilled from {started_with[:12]}, and "
-          "resuming would mix two teachers; point --config.teacher.workdir at the original "
-          "teacher, or start over in a new --workdir (or pass --overwrite to replace this run)")
-    if diffs or started_with:
-      shutil.rmtree(workdir / checkpoints.CHECKPOINT_DIR, ignore_errors=True)
-      for pattern in ("metrics.jsonl", "events.out.tfevents.*", "eval*.json", "report*.md"):
-        for path in workdir.glob(pattern):
-          path.unlink()
-  workdir.mkdir(parents=True, exist_ok=True)
-  checkpoints.write_json(config_path, new)
-
-
-def _teacher_started_with(workdir: pathlib.Path, teacher_record: Optional[dict]) -> Optional[str]:
-  """The content hash of the teacher the run in `workdir` was distilled from, if it has a
-  checkpoint to resume and that hash differs from `teacher_record`'s; else None."""
-  run_path = workdir / checkpoints.RUN_FILE
-  if (teacher_record is None or not run_path.is_file()
-      or checkpoints.latest_step(workdir) is None):
-    return None
-  recorded = (checkpoints.read_json(run_path).get("teacher") or {}).get("sha256")
-  return recorded if recorded and recorded != teacher_record["sha256"] else None
-
-
-class MetricsLog:
-  """metrics.jsonl and TensorBoard event files in the workdir (process 0 only).
-
-  A run resumed from `start_step` logs each step once: metrics.jsonl is first cut to the lines
-  up to `start_step` (those after it came from steps the checkpoint does not hold, and are logged
-  again), and the new event file asks TensorBoard to drop earlier files' events after
-  `start_step` (`purge_step`).
-  """
-
-  def __init__(self, workdir: pathlib.Path, start_step: int = 0):
-    self._enabled = jax.process_index() == 0
-    if self._enabled:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      path = workdir / "metrics.jsonl"
-      truncate_metrics(path, start_step)
-      self._jsonl = open(path, "a")
-      # Event files are named by the second they start in; the suffix keeps a resumption in the
-      # same second from replacing the earlier file, and sorts after it as TensorBoard reads.
-      self._tb = SummaryWriter(str(workdir), purge_step=start_step + 1,
-                               filename_suffix=f".{time.time_ns()}")
-
-  def write(self, step: int, metrics: dict[str, float]) -> None:
-    if not self._enabled:
-      return
-    self._jsonl.write(json.dumps({"step": step, **metrics}) + "\n")
-    self._jsonl.flush()
-    for k, v in metrics.items():
-      self._tb.add_scalar(f"train/{k}", v, step)
-
-  def close(self) -> None:
-    if self._enabled:
-      self._jsonl.close()
-      self._tb.close()
-
-
-def truncate_metrics(path: pathlib.Path, last_step: int) -> None:
-  """Keep the lines of a metrics.jsonl logged at steps up to `last_step`, rewriting it atomically;
-  a line cut short by a crash is dropped."""
-  if not path.exists():
-    return
-  kept = []
-  for line in path.read_text().splitlines():
-    try:
-      step = json.loads(line)["step"]
-    except (json.JSONDecodeError, KeyError, TypeError):
-      continue
-    if isinstance(step, int) and step <= last_step:
-      kept.append(line + "\n")
-  tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-  tmp.write_text("".join(kept))
-  os.replace(tmp, path)
-
-
 def _progress(total: int, initial: int, desc: str, enabled: bool):
   from tqdm import tqdm  # pylint: disable=g-import-not-at-top
   return tqdm(total=total, initial=initial, desc=desc, unit="step", dynamic_ncols=True,
@@ -496,7 +364,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
     _check_teacher_classes(config, train_step, jax.eval_shape(init, init_rng), teacher, source)
 
   with checkpoints.writer_lock(workdir):
-    prepare_workdir(workdir, config, overwrite, teacher.record if teacher else None)
+    rundir.prepare_workdir(workdir, config, overwrite, teacher.record if teacher else None)
     checkpoints.write_json(workdir / checkpoints.RUN_FILE, {
         "image_shape": list(source.image_shape), "num_classes": source.num_classes,
         "num_examples": source.num_examples, "steps_per_epoch": steps_per_epoch,
@@ -515,7 +383,7 @@ def train(config: ConfigDict, workdir: str, *, overwrite: bool = False,
 
     step_fn = jit_step(train_step, mesh)
     end_step = total_steps if stop_after is None else min(total_steps, stop_after)
-    log = MetricsLog(workdir, start_step)
+    log = rundir.MetricsLog(workdir, start_step)
     last: dict[str, float] = {}
     pending: list[tuple[int, dict]] = []
     step = start_step
@@ -555,7 +423,7 @@ def all_labels(source: data.Source) -> np.ndarray:
   return source.labels().astype(np.int32)
 
 
-def _flush(pending: list[tuple[int, dict]], log: MetricsLog, bar, tic: float,
+def _flush(pending: list[tuple[int, dict]], log: rundir.MetricsLog, bar, tic: float,
            waited: float = 0.0) -> dict[str, float]:
   """Read the pending steps' metrics from the device, stop on a non-finite state, log the mean
   (and `input_wait`: the share of the wall time since `tic` spent waiting `waited` s for data)."""

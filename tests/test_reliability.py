@@ -24,6 +24,7 @@ from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import errors
 from gacd_jax import sharding
+from gacd_jax import rundir
 from gacd_jax import train
 from gacd_jax.methods import gacd as gacd_lib
 from tests import helpers
@@ -92,7 +93,7 @@ def test_a_diverging_run_never_saves_a_non_finite_state_and_resumes_with_another
   # The advised fix, a lower learning rate, resumes the run rather than being another config.
   last_good = max(saved)
   config.optim.lr = 1e-3
-  assert train.config_differences(json.loads((tmp_path / "config.json").read_text()),
+  assert rundir.config_differences(json.loads((tmp_path / "config.json").read_text()),
                                   json.loads(config_lib.to_json(config))) == []
   train.train(config, str(tmp_path), progress=False)
   assert checkpoints.latest_step(tmp_path) == 8
@@ -200,9 +201,9 @@ def test_logs_hold_each_step_once_after_a_crash_between_logging_and_checkpointin
 def test_truncate_metrics_keeps_steps_up_to_the_checkpoint(tmp_path):
   path = tmp_path / "metrics.jsonl"
   path.write_text('{"step": 1}\n{"step": 2}\nnot json\n{"step": "3"}\n{"step": 3}\n{"ste')
-  train.truncate_metrics(path, 2)
+  rundir.truncate_metrics(path, 2)
   assert path.read_text() == '{"step": 1}\n{"step": 2}\n'
-  train.truncate_metrics(tmp_path / "absent.jsonl", 2)
+  rundir.truncate_metrics(tmp_path / "absent.jsonl", 2)
   assert not (tmp_path / "absent.jsonl").exists()
 
 

@@ -16,6 +16,7 @@ from gacd_jax import errors
 from gacd_jax import methods
 from gacd_jax import models
 from gacd_jax import sharding
+from gacd_jax import rundir
 from gacd_jax import train
 from gacd_jax.methods import gacd as gacd_lib
 from tests import helpers
@@ -201,9 +202,9 @@ def test_a_switch_added_since_a_run_was_made_is_no_difference_at_its_default():
   new = json.loads(config_lib.to_json(helpers.tiny_config("pgd_at")))
   old = json.loads(json.dumps(new))
   del old["attack"]["eps_warmup_epochs"]
-  assert train.config_differences(old, new) == []
+  assert rundir.config_differences(old, new) == []
   new["attack"]["eps_warmup_epochs"] = 3
-  assert train.config_differences(old, new) == ["attack.eps_warmup_epochs"]
+  assert rundir.config_differences(old, new) == ["attack.eps_warmup_epochs"]
   del new["attack"]["eps_warmup_epochs"]  # a key the new config lacks is always a difference
   old["attack"]["eps_warmup_epochs"] = 0
-  assert train.config_differences(old, new) == ["attack.eps_warmup_epochs"]
+  assert rundir.config_differences(old, new) == ["attack.eps_warmup_epochs"]
