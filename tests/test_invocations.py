@@ -213,6 +213,9 @@ CASES = [
     ("demo --workdir={tmp}/demo --smoke=maybe", "Non-boolean argument to boolean flag"),
     ("demo --workdir={tmp}/demo --epochs=1", "Unknown command line flag 'epochs'"),
     ("demo --workdir={tmp}/demo extra", "unexpected arguments 'extra'"),
+    # info.
+    ("info --bogus", "Unknown command line flag 'bogus'"),
+    ("info extra", "unexpected arguments 'extra'"),
 ]
 
 
