@@ -13,7 +13,8 @@ aborts it, so a library asks instead of changing the process behind the user's b
 - The persistent compilation cache: the second run of the same command reuses the compiled step
   instead of compiling again (tens of seconds for a ResNet step on a CPU).
 
-And the one backend decision the launchers pass to the models, `store_conv_inputs`.
+And the backend decisions the launchers pass on: to the models, `store_conv_inputs`; to the
+attacks, `host_attack_loops`.
 """
 
 import os
@@ -33,6 +34,18 @@ def store_conv_inputs(backend: str) -> bool:
   gradient reads, recomputing them slowly; a stored input stops that (the README's benchmark
   section measures it). GPU and TPU compilers need no help. Outputs and gradients are the same
   either way.
+  """
+  return backend == "cpu"
+
+
+def host_attack_loops(backend: str) -> bool:
+  """Whether attacks should keep their iterations out of XLA loops on `backend` ('cpu', 'gpu',
+  'tpu'): AutoAttack's from the host, one compiled step per call; evaluation's PGD unrolled.
+
+  Only XLA CPU gains: a convolution's forward and backward pass inside a while loop runs ~2x
+  slower there than the same computation called from a Python loop (the README's AutoAttack
+  section measures it). GPU and TPU run loops on the device at full speed, and a host loop would
+  only add a launch per iteration. The results are the same either way.
   """
   return backend == "cpu"
 
