@@ -40,7 +40,8 @@ def store_conv_inputs(backend: str) -> bool:
 
 def host_attack_loops(backend: str) -> bool:
   """Whether attacks should keep their iterations out of XLA loops on `backend` ('cpu', 'gpu',
-  'tpu'): AutoAttack's from the host, one compiled step per call; evaluation's PGD unrolled.
+  'tpu'): AutoAttack's run from the host, one compiled iteration per call
+  (`autoattack.evaluate(host_loops=...)`).
 
   Only XLA CPU gains: a convolution's forward and backward pass inside a while loop runs ~2x
   slower there than the same computation called from a Python loop (the README's AutoAttack
