@@ -352,7 +352,7 @@ def test_host_loops_compute_every_attack_as_the_xla_loops_do(mlp):
   """
   f, x, y = mlp
   n = 32
-  model = aa._WithParams(f, randomized=False, takes_params=False)  # pylint: disable=protected-access
+  model = aa._WithParams(f, False, False)  # pylint: disable=protected-access
   batch = (jnp.asarray(x[:n]), jnp.asarray(y[:n]), jnp.ones(n, bool), jnp.arange(n))
   broken_any = False
   for name in ("apgd-t", "fab", "fab-t", "square"):
