@@ -13,7 +13,8 @@ aborts it, so a library asks instead of changing the process behind the user's b
 - The persistent compilation cache: the second run of the same command reuses the compiled step
   instead of compiling again (tens of seconds for a ResNet step on a CPU).
 
-And the one backend decision the launchers pass to the models, `store_conv_inputs`.
+And the backend decisions the launchers pass on: to the models, `store_conv_inputs`; to the
+attacks, `host_attack_loops`.
 """
 
 import importlib.util
@@ -58,6 +59,19 @@ def expected_backend(environ: Mapping[str, str] = os.environ,
     if installed & set(ACCELERATOR_PLUGINS[backend]):
       return backend
   return "cpu"
+
+
+def host_attack_loops(backend: str) -> bool:
+  """Whether attacks should keep their iterations out of XLA loops on `backend` ('cpu', 'gpu',
+  'tpu'): AutoAttack's run from the host, one compiled iteration per call
+  (`autoattack.evaluate(host_loops=...)`).
+
+  Only XLA CPU gains: a convolution's forward and backward pass inside a while loop runs ~2x
+  slower there than the same computation called from a Python loop (the README's AutoAttack
+  section measures it). GPU and TPU run loops on the device at full speed, and a host loop would
+  only add a launch per iteration. The results are the same either way.
+  """
+  return backend == "cpu"
 
 
 def set_xla_flags(environ: MutableMapping[str, str] = os.environ,
@@ -136,6 +150,7 @@ def environment() -> dict[str, Any]:
       "flax": flax.__version__, "xla_flags": os.environ.get("XLA_FLAGS", ""),
       "store_conv_inputs": store_conv_inputs(backend),
       "slow_cpu_convolutions": slow_cpu_convolutions(backend),
+      "host_attack_loops": host_attack_loops(backend),
   }
 
 

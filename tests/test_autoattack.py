@@ -1,7 +1,8 @@
 """AutoAttack: threat-model constraints, the ensemble's worst case, the official checks, and parity
 of the losses, the APGD schedule and APGD-CE with independent references (numpy, pyautoattack).
 
-Everything runs on a tanh MLP trained on 8x8 digits with few iterations and queries.
+Everything runs on a tanh MLP trained on 8x8 digits with few iterations and queries, and but for
+the tests of the loop modes, with the attacks' loops as XLA loops (`XLA_LOOPS`).
 """
 
 import functools
@@ -17,8 +18,13 @@ from sklearn.datasets import load_digits
 
 from gacd_jax import autoattack as aa
 from gacd_jax import losses
+from gacd_jax import runtime
 
 EPS = {"Linf": 0.1, "L2": 0.7}
+# One compilation per attack and batch shape. The CPU's default, the loops called from the host
+# (`runtime.host_attack_loops`), computes the same (`test_host_loops_...`) but compiles about a
+# fifth longer (three to eleven programs per shape), so only the tests of the loop modes use it.
+XLA_LOOPS = {"host_loops": False}
 
 
 def _mlp(w, xx):
@@ -48,6 +54,13 @@ def mlp(trained):
   """`(f, x, y)`: the trained MLP as a function of images, and the held-out digits."""
   w, x, y = trained
   return functools.partial(_mlp, w), x, y
+
+
+@pytest.fixture(scope="module")
+def noisy(mlp):
+  """The MLP with Gaussian noise on its input: `(x, key) -> logits`, a randomized model."""
+  f = mlp[0]
+  return lambda xx, key: f(xx + 0.05 * jax.random.normal(key, xx.shape))
 
 
 def _distance(x_adv, x, norm):
@@ -164,7 +177,8 @@ def test_fab_projection_equals_a_bisection(norm):
 
 def test_ensemble_is_the_worst_case_of_its_attacks(mlp):
   f, x, y = mlp
-  kw = dict(eps=EPS["Linf"], n_iter=10, n_queries=100, batch_size=64, progress=False)
+  kw = dict(eps=EPS["Linf"], n_iter=10, n_queries=100, batch_size=64, progress=False,
+            **XLA_LOOPS)
   with warnings.catch_warnings():
     warnings.simplefilter("error", aa.AutoAttackWarning)  # a clean deterministic model: no flags
     standard = aa.evaluate(f, x, y, version="standard", **kw)
@@ -195,7 +209,7 @@ def test_masked_gradients_warn_and_square_still_breaks(mlp):
   with pytest.warns(aa.AutoAttackWarning) as caught:
     result = aa.evaluate(quantised, x, y, eps=0.15, version="custom",
                          attacks_to_run=["apgd-ce", "square"], n_iter=5, n_queries=300,
-                         batch_size=128, progress=False)
+                         batch_size=128, progress=False, **XLA_LOOPS)
   messages = " ".join(str(w.message) for w in caught)
   assert "zero gradient" in messages
   assert "Square lowered the robust accuracy" in messages
@@ -216,20 +230,19 @@ def test_the_output_and_randomness_checks(mlp):
     aa.check_randomized(_model(f), jnp.asarray(x), y)
 
 
-def test_evaluate_runs_the_checks_and_the_rand_version(mlp):
-  f, x, y = mlp
-  noisy = lambda xx, key: f(xx + 0.05 * jax.random.normal(key, xx.shape))
+def test_evaluate_runs_the_checks_and_the_rand_version(mlp, noisy):
+  _, x, y = mlp
   with pytest.warns(aa.AutoAttackWarning) as caught:
     aa.evaluate(lambda xx, key: jax.nn.softmax(noisy(xx, key)), x[:64], y[:64], randomized=True,
                 version="custom", attacks_to_run=["apgd-ce"], n_iter=2, batch_size=64,
-                progress=False)
+                progress=False, **XLA_LOOPS)
   messages = " ".join(str(w.message) for w in caught)
   assert "randomized defense" in messages and "probability distribution" in messages
 
   with warnings.catch_warnings():
     warnings.simplefilter("error", aa.AutoAttackWarning)  # 'rand' expects randomness
     result = aa.evaluate(noisy, x[:64], y[:64], randomized=True, version="rand", n_iter=3,
-                         eot_iter=4, batch_size=64, progress=False)
+                         eot_iter=4, batch_size=64, progress=False, **XLA_LOOPS)
   assert result.attacks == ("apgd-ce", "apgd-dlr")
   assert result.robust_accuracy < result.clean_accuracy
 
@@ -258,7 +271,7 @@ def test_apgd_ce_matches_the_official_package(trained):
   official = np.mean(y_adv.numpy() == y)
 
   ours = aa.evaluate(functools.partial(_mlp, w), x, y, eps=EPS["Linf"], version="custom",
-                     attacks_to_run=["apgd-ce"], batch_size=64, progress=False)
+                     attacks_to_run=["apgd-ce"], batch_size=64, progress=False, **XLA_LOOPS)
   assert ours.clean_accuracy > ours.robust_accuracy > 0.2  # a test that can tell them apart
   # Each side draws its own random starts: one example near the boundary may go either way.
   assert abs(ours.robust_accuracy - official) <= 1 / 64
@@ -267,7 +280,8 @@ def test_apgd_ce_matches_the_official_package(trained):
 def test_params_argument_equals_a_closure(trained):
   """Weights passed as `params` (compiled as an argument) attack exactly like a closure."""
   w, x, y = trained
-  kw = dict(eps=EPS["Linf"], version="fast", n_iter=4, batch_size=64, progress=False)
+  kw = dict(eps=EPS["Linf"], version="fast", n_iter=4, batch_size=64, progress=False,
+            **XLA_LOOPS)
   closure = aa.evaluate(functools.partial(_mlp, w), x[:64], y[:64], **kw)
   argument = aa.evaluate(_mlp, x[:64], y[:64], params=w, **kw)
   np.testing.assert_array_equal(argument.broken_by, closure.broken_by)
@@ -308,6 +322,57 @@ def test_evaluate_run_adds_autoattack_to_the_report(tmp_path):
   assert direct.robust_accuracy == accuracy["autoattack"]
 
 
+# With the settings of the tests above, whose XLA loops' compilations are reused.
+@pytest.mark.parametrize("version", ["standard", "rand"])
+def test_host_loops_break_what_the_xla_loops_break(mlp, noisy, version):
+  """The attacks' iterations called from the host (`runtime.host_attack_loops`, the CPU's
+  default) or run in XLA loops: the same examples broken, by the same attack, at the same points
+  (Linf, where the two are bit-identical here)."""
+  f, x, y = mlp
+  if version == "standard":
+    model, n, kw = f, 128, dict(n_iter=10, n_queries=100, batch_size=64)
+  else:  # a randomized model: EOT's draws unrolled with host loops
+    model, n, kw = noisy, 64, dict(n_iter=3, eot_iter=4, batch_size=64, randomized=True)
+  kw.update(eps=EPS["Linf"], version=version, progress=False)
+  xla = aa.evaluate(model, x[:n], y[:n], host_loops=False, **kw)
+  host = aa.evaluate(model, x[:n], y[:n], host_loops=True, **kw)
+  assert 0 < xla.robust_accuracy < xla.clean_accuracy
+  np.testing.assert_array_equal(host.broken_by, xla.broken_by)
+  np.testing.assert_allclose(host.x_adv, xla.x_adv, rtol=0, atol=1e-6)
+
+
+def test_host_loops_compute_every_attack_as_the_xla_loops_do(mlp):
+  """APGD-T, FAB, FAB-T and Square in L2 with the settings of 'plus', on one batch, their second
+  run (a random restart, or the second target): every output point, broken or not, the same from
+  host loops and XLA loops (APGD-CE and APGD-DLR differ from APGD-T only in the loss).
+
+  The computation is the same; only XLA's fusion differs (the loop body is a program of its own),
+  so where it sums (L2 norms, FAB's projections) float32 rounding may differ in the last bit or
+  two (measured: at most 2e-7): hence the tolerance, far below one pixel level (1/255).
+  """
+  f, x, y = mlp
+  n = 32
+  model = aa._WithParams(f, False, False)  # pylint: disable=protected-access
+  batch = (jnp.asarray(x[:n]), jnp.asarray(y[:n]), jnp.ones(n, bool), jnp.arange(n))
+  broken_any = False
+  for name in ("apgd-t", "fab", "fab-t", "square"):
+    outputs = []
+    for host_loops in (False, True):
+      settings = aa._attack_settings(  # pylint: disable=protected-access
+          "plus", n_iter=3, n_queries=20, n_target_classes=2, eot_iter=1, host_loops=host_loops)
+      attack, kw, n_runs = settings[name]
+      run = aa._batch_attack.__wrapped__(  # pylint: disable=protected-access
+          model, attack, tuple(sorted(kw.items())), "l2", n_runs > 0, host_loops)
+      outputs.append(run(None, *batch, jnp.int32(0), jnp.int32(1 if n_runs else 0),
+                         jax.random.key(0), jnp.float32(EPS["L2"])))
+    (x_xla, broken_xla), (x_host, broken_host) = outputs
+    assert np.abs(np.asarray(x_xla) - x[:n]).max() > 0.01, name  # it moved
+    np.testing.assert_array_equal(broken_host, broken_xla, err_msg=name)
+    np.testing.assert_allclose(x_host, x_xla, rtol=0, atol=1e-6, err_msg=name)
+    broken_any |= bool(np.any(broken_xla))
+  assert broken_any
+
+
 def test_buckets_are_powers_of_two_times_the_devices_up_to_the_batch_size():
   assert [aa.bucket(n, 256) for n in (1, 2, 3, 99, 128, 129, 256, 300)] == [
       1, 2, 4, 128, 128, 256, 256, 256]
@@ -320,7 +385,7 @@ def test_results_do_not_depend_on_the_batch_size(mlp):
   for the short ones)."""
   f, x, y = mlp
   kw = dict(eps=EPS["Linf"], version="standard", n_iter=5, n_queries=50, n_target_classes=3,
-            progress=False)
+            progress=False, **XLA_LOOPS)
   large = aa.evaluate(f, x, y, batch_size=128, **kw)
   small = aa.evaluate(f, x, y, batch_size=16, **kw)
   assert 0 < large.robust_accuracy < large.clean_accuracy
@@ -335,7 +400,7 @@ def test_run_by_run_equals_all_runs_in_one_batch(mlp):
   f, x, y = mlp
   seed, eps = 3, EPS["Linf"]
   driver = aa.evaluate(f, x, y, eps=eps, version="custom", attacks_to_run=["apgd-t"], n_iter=5,
-                       batch_size=32, seed=seed, progress=False)
+                       batch_size=32, seed=seed, progress=False, **XLA_LOOPS)
   attack_key = jax.random.fold_in(jax.random.key(seed), aa.ATTACKS.index("apgd-t"))
   example_root, _ = jax.random.split(attack_key)
   keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, jnp.arange(len(x)))
@@ -348,10 +413,11 @@ def test_run_by_run_equals_all_runs_in_one_batch(mlp):
 
 def test_twenty_examples_are_attacked_in_a_batch_of_at_most_32(mlp, monkeypatch):
   f, x, y = mlp
-  shapes = []
+  shapes, host_loops = [], []
   real = aa._batch_attack  # pylint: disable=protected-access
 
   def recording(*args):
+    host_loops.append(args[-1])
     run = real(*args)
     def call(params, xx, *rest):
       shapes.append(xx.shape[0])
@@ -363,3 +429,5 @@ def test_twenty_examples_are_attacked_in_a_batch_of_at_most_32(mlp, monkeypatch)
               batch_size=256, progress=False)
   assert shapes and max(shapes) <= 32
   assert len(shapes) >= 3  # APGD-CE, then APGD-T's two target runs
+  # By default the loops are the backend's choice (the CPU here: from the host).
+  assert set(host_loops) == {runtime.host_attack_loops(jax.default_backend())} == {True}

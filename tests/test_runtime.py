@@ -115,6 +115,12 @@ def test_only_the_cpu_backend_stores_convolution_inputs():
   assert not runtime.store_conv_inputs("tpu")
 
 
+def test_only_the_cpu_backend_runs_attack_loops_outside_xla_loops():
+  assert runtime.host_attack_loops("cpu")
+  assert not runtime.host_attack_loops("gpu")
+  assert not runtime.host_attack_loops("tpu")
+
+
 def test_cpu_convolutions_store_their_inputs_and_compute_the_same():
   """With `store_conv_inputs` (what `models.build` and the launchers choose on the CPU backend)
   every convolution's input passes through a conditional (a stored buffer XLA cannot fuse

@@ -14,7 +14,10 @@ left robust, as in the official code. Between runs the examples still to attack 
 the host into batches of `batch_size`, the last one padded to a `bucket` (a power of two times
 the device count), so each attack compiles once per bucket. Each per-batch attack is one jit over
 the mesh (batch split on `data`) with `lax` loops inside and a mask for the padding; examples a
-run has already broken stay in its batch, masked, until the batch is done.
+run has already broken stay in its batch, masked, until the batch is done. Where XLA's loops are
+slow (the CPU: `runtime.host_attack_loops`), the iterations are called from the host instead,
+each attack cut at its loops (`common.Program`) into jits of its start, one iteration (the state
+donated) and its end: the same computation, compiled once per bucket as well.
 
 Random numbers are drawn per example from `fold_in(key(seed), attack, example index)`, so an
 example's attack does not depend on the batch it lands in, the batch size or the device count:
@@ -35,9 +38,9 @@ Where this differs from the official code (pyautoattack 0.2.0):
   * For a deterministic model, 'rand' takes one gradient per step instead of 20 equal ones.
   * There is no check for dynamic defenses: a jitted function has no Python-level calls to trace.
 
-The package: `common` (the DLR losses, norms, projections and the restart loop), `apgd`, `fab`,
-`square`, `checks` (the official package's warnings), and here the ensemble driver `evaluate`
-with its per-batch jit cache (its clean pass runs through `gacd_jax.evaluator`).
+The package: `common` (the DLR losses, norms, projections, the restart loop and `Program`),
+`apgd`, `fab`, `square`, `checks` (the official package's warnings), and here the ensemble driver
+`evaluate` with its per-batch jit cache (its clean pass runs through `gacd_jax.evaluator`).
 """
 
 from __future__ import annotations
@@ -57,14 +60,16 @@ from gacd_jax import errors
 from gacd_jax import evaluator
 from gacd_jax import runtime
 from gacd_jax import sharding
-from gacd_jax.autoattack.apgd import APGD_LOSSES, apgd, apgd_checkpoints
+from gacd_jax.autoattack.apgd import (APGD_LOSSES, apgd, apgd_checkpoints, apgd_loops,
+                                      apgd_program)
 from gacd_jax.autoattack.checks import (AutoAttackWarning, check_n_classes, check_randomized,
                                         check_range_output, check_square_success,
                                         check_zero_gradients)
-from gacd_jax.autoattack.common import (NORMS, Model, Norm, argmax_differs, distance, dlr_loss,
-                                        dlr_targeted_loss)
-from gacd_jax.autoattack.fab import fab, project_onto_hyperplane
-from gacd_jax.autoattack.square import square, square_l2_pattern, square_schedule
+from gacd_jax.autoattack.common import (NORMS, Model, Norm, Program, argmax_differs, distance,
+                                        dlr_loss, dlr_targeted_loss, run_on_device)
+from gacd_jax.autoattack.fab import fab, fab_loops, fab_program, project_onto_hyperplane
+from gacd_jax.autoattack.square import (square, square_l2_pattern, square_loops, square_program,
+                                        square_schedule)
 
 ATTACKS = ("apgd-ce", "apgd-dlr", "apgd-t", "fab", "fab-t", "square")
 VERSIONS = ("standard", "plus", "rand", "fast", "custom")
@@ -79,10 +84,11 @@ VERSION_ATTACKS = {
 
 __all__ = [
     "APGD_LOSSES", "ATTACKS", "AutoAttackWarning", "Evaluation", "Model", "NORMS", "Norm",
-    "VERSIONS", "VERSION_ATTACKS", "apgd", "apgd_checkpoints", "bucket", "check_n_classes",
-    "check_randomized", "check_range_output", "check_square_success", "check_zero_gradients",
-    "distance", "dlr_loss", "dlr_targeted_loss", "evaluate", "fab", "project_onto_hyperplane",
-    "square", "square_l2_pattern", "square_schedule",
+    "Program", "VERSIONS", "VERSION_ATTACKS", "apgd", "apgd_checkpoints", "apgd_loops",
+    "apgd_program", "bucket", "check_n_classes", "check_randomized", "check_range_output",
+    "check_square_success", "check_zero_gradients", "distance", "dlr_loss", "dlr_targeted_loss",
+    "evaluate", "fab", "fab_loops", "fab_program", "project_onto_hyperplane", "run_on_device",
+    "square", "square_l2_pattern", "square_loops", "square_program", "square_schedule",
 ]
 
 # An adversarial example counts if its distance is at most eps plus this much float32 rounding
@@ -126,12 +132,12 @@ class Evaluation:
 
 
 def _attack_settings(version: str, n_iter: int, n_queries: int, n_target_classes: int,
-                     eot_iter: int) -> dict[str, tuple[Callable, dict, int]]:
+                     eot_iter: int, host_loops: bool) -> dict[str, tuple[Callable, dict, int]]:
   """Per attack name: the batch attack, its settings in `version` (the official values) and its
   number of runs (restarts, targets; 0 for Square, which has none)."""
   restarts = 5 if version == "plus" else 1
   eot = eot_iter if version == "rand" else 1
-  apgd_kw = dict(n_iter=n_iter, eot_iter=eot)
+  apgd_kw = dict(n_iter=n_iter, eot_iter=eot, eot_unroll=host_loops and eot > 1)
   return {
       "apgd-ce": (apgd, dict(apgd_kw, loss="ce", n_restarts=restarts), restarts),
       "apgd-dlr": (apgd, dict(apgd_kw, loss="dlr", n_restarts=restarts), restarts),
@@ -204,7 +210,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
              version: str = "standard", attacks_to_run: Sequence[str] | None = None,
              batch_size: int = 256, seed: int = 0, randomized: bool = False, n_iter: int = 100,
              n_queries: int = 5000, n_target_classes: int = 9, eot_iter: int = 20, mesh=None,
-             progress: bool = True) -> Evaluation:
+             host_loops: bool | None = None, progress: bool = True) -> Evaluation:
   """AutoAttack robust accuracy of `apply_fn` on `(x, y)`.
 
   Args:
@@ -226,6 +232,9 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     n_iter: APGD and FAB iterations (100 officially); n_queries: Square queries (5000).
     n_target_classes: targets of APGD-T and FAB-T (9, at most K - 1).
     mesh: the device mesh (default: all devices).
+    host_loops: run the attacks' iterations from the host, one compiled step at a time (and
+      EOT's draws unrolled), instead of in XLA loops: the same results, faster where XLA loops
+      are slow. Default: `runtime.host_attack_loops` for the mesh's backend (on for the CPU).
     progress: a tqdm bar per attack.
 
   Returns:
@@ -244,6 +253,8 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   norm = attacks.norm_name(norm)
   _check_settings(x, y, eps, norm, version, names, batch_size, mesh)
   runtime.warn_if_slow_cpu()
+  if host_loops is None:
+    host_loops = runtime.host_attack_loops(mesh.devices.flat[0].platform)
   fn = _WithParams(apply_fn, randomized, params is not None)
   batch_sharding = sharding.batch_sharding(mesh)
   params = jax.device_put(params, sharding.replicated(mesh))
@@ -276,13 +287,14 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   x_adv = x.copy()
   accuracy_after, seconds = {}, {"clean": time.perf_counter() - tic}
 
-  settings = _attack_settings(version, n_iter, n_queries, n_target_classes, eot_iter)
+  settings = _attack_settings(version, n_iter, n_queries, n_target_classes, eot_iter,
+                              host_loops)
   for stage, name in enumerate(names, start=1):
     tic = time.perf_counter()
     attack, kw, n_runs = settings[name]
     # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
     make = _batch_attack if _hashable(fn) else _batch_attack.__wrapped__
-    run = make(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0)
+    run = make(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0, host_loops)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
     bar = tqdm(desc=name, unit="batch", disable=not progress, leave=False)
     # Run by run (restarts, targets), each on the examples every earlier run left robust.
@@ -332,28 +344,108 @@ def _hashable(obj) -> bool:
   return True
 
 
+# Each attack as `(program, loops)` for host loops (`runtime.host_attack_loops`): its `Program`
+# builder and the static loops of that program.
+_PROGRAMS = {apgd: (apgd_program, apgd_loops), fab: (fab_program, fab_loops),
+             square: (square_program, square_loops)}
+
+
+def _attack_inputs(fn: _WithParams, params, index, batch_number, run_number, attack_key):
+  """`(model, keys, model_key, check_key)` of a batch: per-example keys from the example
+  indices; the model's keys from the run and the batch number."""
+  model: Model = functools.partial(fn, params)
+  example_root, model_root = jax.random.split(attack_key)
+  keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, index)
+  model_root = jax.random.fold_in(model_root, run_number)
+  model_key, check_key = jax.random.split(jax.random.fold_in(model_root, batch_number))
+  return model, keys, model_key, check_key
+
+
+def _broken(model: Model, x_adv, fooled, x, y, mask, check_key, eps, norm: Norm) -> jax.Array:
+  """The attack's claim `fooled` re-checked: misclassified by a fresh forward pass, within eps."""
+  wrong = argmax_differs(model(x_adv, check_key), y)
+  within = distance(x_adv, x, norm) <= eps + _BALL_TOLERANCE
+  return mask & fooled & wrong & within
+
+
 @functools.lru_cache(maxsize=32)
 def _batch_attack(fn: _WithParams, attack: Callable, settings: tuple[tuple[str, object], ...],
-                  norm: Norm, by_run: bool) -> Callable:
+                  norm: Norm, by_run: bool, host_loops: bool = False) -> Callable:
   """`(params, x, y, mask, index, batch_number, run, attack_key, eps) -> (x_adv, broken)` for one
-  padded batch, jitted; with `by_run`, only run number `run` of the attack's restarts/targets.
+  padded batch; with `by_run`, only run number `run` of the attack's restarts/targets.
 
-  Cached per model function, attack and settings, so evaluating the same `apply_fn` again (with
-  other params, another seed or eps) reuses the compilation (one per batch shape). `broken`
-  re-checks the attack's claim: misclassified by a fresh forward pass and within eps.
+  One jit with the attack's loops inside; with `host_loops`, the attack's `Program` with one
+  jitted call per iteration instead (`runtime.host_attack_loops`). Cached per model function,
+  attack and settings, so evaluating the same `apply_fn` again (with other params, another seed
+  or eps) reuses the compilation (one per batch shape). `broken` re-checks the attack's claim:
+  misclassified by a fresh forward pass and within eps.
   """
+  if host_loops:
+    return _host_loop_attack(fn, attack, settings, norm, by_run)
+
   @jax.jit
   def run(params, x, y, mask, index, batch_number, run_number, attack_key, eps):
-    model: Model = functools.partial(fn, params)
-    example_root, model_root = jax.random.split(attack_key)
-    keys = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(example_root, index)
-    model_root = jax.random.fold_in(model_root, run_number)
-    model_key, check_key = jax.random.split(jax.random.fold_in(model_root, batch_number))
+    model, keys, model_key, check_key = _attack_inputs(fn, params, index, batch_number,
+                                                       run_number, attack_key)
     runs = {"runs": (run_number, run_number + 1)} if by_run else {}
     x_adv, fooled = attack(model, x, y, keys, model_key, eps=eps, norm=norm, active=mask,
                            **dict(settings), **runs)
-    wrong = argmax_differs(model(x_adv, check_key), y)
-    within = distance(x_adv, x, norm) <= eps + _BALL_TOLERANCE
-    return x_adv, mask & fooled & wrong & within
+    return x_adv, _broken(model, x_adv, fooled, x, y, mask, check_key, eps, norm)
+
+  return run
+
+
+def _host_loop_attack(fn: _WithParams, attack: Callable,
+                      settings: tuple[tuple[str, object], ...], norm: Norm,
+                      by_run: bool) -> Callable:
+  """`_batch_attack` with the loops on the host: the attack's `Program` as three jits (its
+  start, one iteration with the state donated, its end), each compiled once per batch shape.
+
+  On XLA:CPU a convolution inside a while loop runs ~2x slower than the same computation as a
+  jitted function called in a Python loop (the README's AutoAttack section), so the iterations
+  are Python calls; the computation is the same as the device loops' (tested).
+  """
+  build_program, loops_of = _PROGRAMS[attack]
+  kw = dict(settings)
+  loops = loops_of(**kw)
+
+  def program(args):
+    params, x, y, mask, index, batch_number, run_number, attack_key, eps = args
+    model, keys, model_key, check_key = _attack_inputs(fn, params, index, batch_number,
+                                                       run_number, attack_key)
+    runs = {"run": run_number} if by_run else {}
+    return build_program(model, x, y, keys, model_key, eps=eps, norm=norm, active=mask, **kw,
+                         **runs), model, check_key
+
+  def going(prog, state):  # None where the program always goes on: no sync with the host
+    return None if prog.going is None else prog.going(state)
+
+  @jax.jit
+  def init(args):
+    prog = program(args)[0]
+    state = prog.init()
+    return state, going(prog, state)
+
+  @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
+  def step(loop, args, i, state):
+    prog = program(args)[0]
+    state = prog.body(loop, i, state)
+    return state, going(prog, state)
+
+  @jax.jit
+  def finish(args, state):
+    prog, model, check_key = program(args)
+    x_adv, fooled = prog.finish(state)
+    _, x, y, mask, *_, eps = args
+    return x_adv, _broken(model, x_adv, fooled, x, y, mask, check_key, eps, norm)
+
+  def run(*args):
+    state, on = init(args)
+    for loop, (start, stop) in enumerate(loops):
+      for i in range(start, stop):
+        if on is not None and not on:
+          break
+        state, on = step(loop, args, np.int32(i), state)
+    return finish(args, state)
 
   return run

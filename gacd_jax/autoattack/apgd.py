@@ -11,9 +11,10 @@ import numpy as np
 from gacd_jax import errors
 from gacd_jax import losses
 from gacd_jax import attacks
-from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, dlr_loss, dlr_targeted_loss,
-                                        example_keys, expand, normalize, nth_largest, project,
-                                        random_start, run_count, runs_loop)
+from gacd_jax.autoattack.common import (Loops, Model, Norm, Program, argmax_differs, dlr_loss,
+                                        dlr_targeted_loss, example_keys, expand, normalize,
+                                        nth_largest, one_run, project, random_start, run_count,
+                                        run_on_device, runs_loop)
 
 APGD_LOSSES = ("ce", "dlr", "dlr-targeted")
 
@@ -44,17 +45,16 @@ def _apgd_loss(name: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Arr
   return dlr_targeted_loss
 
 
-def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys: jax.Array,
-              model_key: jax.Array, *, eps, norm: Norm, loss: str, n_iter: int, eot_iter: int,
-              rho: float) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """One APGD run (Algorithm 1) from a random start: `(x_best_loss, x_adversarial, fooled)`.
-
-  `x_adversarial` is the last iterate that was misclassified (where `fooled`).
-  """
+def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], jax.Array],
+              keys: jax.Array, model_key: jax.Array, *, eps, norm: Norm, loss: str, n_iter: int,
+              eot_iter: int, rho: float, eot_unroll: bool) -> Program:
+  """One APGD run (Algorithm 1) from a random start, as a `Program` whose outputs are
+  `(x_run, fooled)`: the last misclassified iterate where `fooled`, else the highest-loss one.
+  `targets()` gives the classes the loss takes (the labels, or APGD-T's targets)."""
   loss_fn = _apgd_loss(loss)
   ndim = x.ndim
 
-  def loss_and_grad(x_adv, key):
+  def loss_and_grad(x_adv, targets, key):
     def one(k):
       def total(xa):
         logits = model(xa, k)
@@ -73,7 +73,8 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
       aux, grad = one(k)
       return grad_sum + grad, aux
     grad_sum, (values, logits) = jax.lax.scan(accumulate, jnp.zeros_like(x_adv),
-                                              jax.random.split(key, eot_iter))
+                                              jax.random.split(key, eot_iter),
+                                              unroll=eot_iter if eot_unroll else 1)
     return values[-1], logits[-1], grad_sum / eot_iter
 
   def direction(grad):
@@ -87,23 +88,25 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
   window[np.asarray(checkpoints) - 1] = np.diff([0] + checkpoints)
   is_checkpoint, window = jnp.asarray(is_checkpoint), jnp.asarray(window)
 
-  x_adv = random_start(keys, x, eps, norm)
-  value, logits, grad = loss_and_grad(x_adv, jax.random.fold_in(model_key, n_iter))
-  fooled = argmax_differs(logits, y)
-  step_size = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
-  state = dict(
-      x_adv=x_adv, x_prev=x_adv, grad=grad, value=value,
-      x_best=x_adv, grad_best=grad, value_best=value, x_best_adv=x_adv, fooled=fooled,
-      step_size=step_size, n_increase=jnp.zeros_like(value),
-      value_best_at_check=value, reduced_at_check=jnp.ones_like(fooled))
+  def init():
+    run_targets = targets()
+    x_adv = random_start(keys, x, eps, norm)
+    value, logits, grad = loss_and_grad(x_adv, run_targets, jax.random.fold_in(model_key, n_iter))
+    fooled = argmax_differs(logits, y)
+    step_size = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
+    return dict(
+        targets=run_targets, x_adv=x_adv, x_prev=x_adv, grad=grad, value=value,
+        x_best=x_adv, grad_best=grad, value_best=value, x_best_adv=x_adv, fooled=fooled,
+        step_size=step_size, n_increase=jnp.zeros_like(value),
+        value_best_at_check=value, reduced_at_check=jnp.ones_like(fooled))
 
-  def body(i, s):
+  def body(_, i, s):
     # Momentum 0.75 on the projected step, none on the first step.
     a = jnp.where(i > 0, 0.75, 1.0)
     z = project(s["x_adv"] + expand(s["step_size"], ndim) * direction(s["grad"]), x, eps, norm)
     x_new = project(s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
                      x, eps, norm)
-    value, logits, grad = loss_and_grad(x_new, jax.random.fold_in(model_key, i))
+    value, logits, grad = loss_and_grad(x_new, s["targets"], jax.random.fold_in(model_key, i))
 
     wrong = argmax_differs(logits, y)
     x_best_adv = jnp.where(expand(wrong, ndim), x_new, s["x_best_adv"])
@@ -121,7 +124,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
                      | (~s["reduced_at_check"] & (s["value_best_at_check"] >= value_best)))
     back = expand(halve, ndim)
     return dict(
-        x_adv=jnp.where(back, x_best, x_new), x_prev=s["x_adv"],
+        targets=s["targets"], x_adv=jnp.where(back, x_best, x_new), x_prev=s["x_adv"],
         grad=jnp.where(back, grad_best, grad), value=value,
         x_best=x_best, grad_best=grad_best, value_best=value_best, x_best_adv=x_best_adv,
         fooled=s["fooled"] | wrong,
@@ -130,14 +133,43 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, keys
         value_best_at_check=jnp.where(check, value_best, s["value_best_at_check"]),
         reduced_at_check=jnp.where(check, halve, s["reduced_at_check"]))
 
-  state = jax.lax.fori_loop(0, n_iter, body, state)
-  return state["x_best"], state["x_best_adv"], state["fooled"]
+  def finish(s):
+    return jnp.where(expand(s["fooled"], ndim), s["x_best_adv"], s["x_best"]), s["fooled"]
+
+  return Program(init, apgd_loops(n_iter), body, finish)
+
+
+def apgd_loops(n_iter: int = 100, **_) -> Loops:
+  """The loops of an APGD run's `Program`: its `n_iter` steps."""
+  return ((0, n_iter),)
+
+
+def _apgd_runs(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array,
+               *, loss: str, n_restarts: int, **run_settings) -> Callable[[jax.Array], Program]:
+  """Run number r of APGD as a `Program`: the restart r % n_restarts, on the target ranked
+  r // n_restarts + 2 (2 = the runner-up) for 'dlr-targeted'."""
+  clean_key, runs_key = jax.random.split(model_key)
+
+  def program(r):
+    def targets():
+      if loss != "dlr-targeted":
+        return y
+      return nth_largest(model(x, clean_key), r // n_restarts + 2)
+    return _apgd_run(model, x, y, targets, example_keys(keys, r), jax.random.fold_in(runs_key, r),
+                     loss=loss, **run_settings)
+  return program
+
+
+def _check_loss(loss: str) -> None:
+  if loss not in APGD_LOSSES:
+    raise errors.ConfigError(f"unknown APGD loss {loss!r}; use one of {', '.join(APGD_LOSSES)}")
 
 
 def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
          eps: float, norm: Norm = "linf", loss: str = "ce", n_iter: int = 100,
          n_restarts: int = 1, n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75,
-         active: jax.Array | None = None, runs=None) -> tuple[jax.Array, jax.Array]:
+         eot_unroll: bool = False, active: jax.Array | None = None,
+         runs=None) -> tuple[jax.Array, jax.Array]:
   """APGD on a batch: step size 2 eps halved at the checkpoints of `apgd_checkpoints`.
 
   Args:
@@ -152,6 +184,8 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
     n_restarts: random restarts (per target for 'dlr-targeted'), each on the examples not yet
       fooled.
     eot_iter: gradients averaged per step over this many draws of the model's randomness.
+    eot_unroll: unroll the loop over those draws (no XLA loop around the model; the same
+      result), as the ensemble driver does with `runtime.host_attack_loops`.
     active: `[B]` bool, the examples to attack (default all).
     runs: `(first, stop)`: make only these of the `run_count` runs (restarts, targets), each
       with the keys it has in the full sequence; lets a caller re-batch the examples still robust
@@ -162,21 +196,33 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
     highest-loss point of the example's last run; always in the eps-ball and in [0, 1].
   """
   norm = attacks.norm_name(norm)
-  if loss not in APGD_LOSSES:
-    raise errors.ConfigError(f"unknown APGD loss {loss!r}; use one of {', '.join(APGD_LOSSES)}")
+  _check_loss(loss)
   active = jnp.ones(x.shape[:1], bool) if active is None else active
-  targeted = loss == "dlr-targeted"
-  runs = (0, run_count(n_restarts, n_target_classes, targeted)) if runs is None else runs
-  clean_key, runs_key = jax.random.split(model_key)
-  clean_logits = model(x, clean_key)
+  if runs is None:
+    runs = (0, run_count(n_restarts, n_target_classes, loss == "dlr-targeted"))
+  program = _apgd_runs(model, x, y, keys, model_key, eps=eps, norm=norm, loss=loss,
+                       n_iter=n_iter, n_restarts=n_restarts, eot_iter=eot_iter, rho=rho,
+                       eot_unroll=eot_unroll)
 
   def run(r, running, extra):
-    # Run r attacks the target ranked r // n_restarts + 2 (2 = the runner-up).
-    targets = nth_largest(clean_logits, r // n_restarts + 2) if targeted else y
-    x_best, x_best_adv, fooled = _apgd_run(
-        model, x, y, targets, example_keys(keys, r), jax.random.fold_in(runs_key, r),
-        eps=eps, norm=norm, loss=loss, n_iter=n_iter, eot_iter=eot_iter, rho=rho)
-    return jnp.where(expand(fooled, x.ndim), x_best_adv, x_best), fooled, extra
+    return (*run_on_device(program(r)), extra)
 
   x_adv, fooled, _ = runs_loop(runs, run, x, active)
   return x_adv, fooled
+
+
+def apgd_program(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array,
+                 model_key: jax.Array, *, run: jax.Array, eps: float, norm: Norm = "linf",
+                 loss: str = "ce", n_iter: int = 100, n_restarts: int = 1,
+                 n_target_classes: int = 9, eot_iter: int = 1, rho: float = 0.75,
+                 eot_unroll: bool = False, active: jax.Array | None = None) -> Program:
+  """Run number `run` of `apgd` as a `Program` (loops: `apgd_loops(n_iter)`) whose outputs equal
+  `apgd(..., runs=(run, run + 1))`'s. Arguments as `apgd`."""
+  del n_target_classes  # the runs are numbered by the caller
+  norm = attacks.norm_name(norm)
+  _check_loss(loss)
+  active = jnp.ones(x.shape[:1], bool) if active is None else active
+  program = _apgd_runs(model, x, y, keys, model_key, eps=eps, norm=norm, loss=loss,
+                       n_iter=n_iter, n_restarts=n_restarts, eot_iter=eot_iter, rho=rho,
+                       eot_unroll=eot_unroll)(run)
+  return program._replace(finish=lambda s: one_run(x, active, *program.finish(s)))

@@ -1,5 +1,5 @@
-"""What the AutoAttack attacks share: the DLR losses, norms and projections, per-example keys, and
-the loop over restarts and targets.
+"""What the AutoAttack attacks share: the DLR losses, norms and projections, per-example keys, the
+loop over restarts and targets, and `Program`, an attack's code cut at its loops.
 
 The threat model is Linf or L2 (`Norm`, spelled 'linf' and 'l2' as everywhere in gacd_jax; the
 public functions also take the AutoAttack package's 'Linf' and 'L2'); a model is
@@ -8,7 +8,7 @@ public functions also take the AutoAttack package's 'Linf' and 'L2'); a model is
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -104,6 +104,47 @@ def runs_loop(runs, run: Callable, x: jax.Array, active: jax.Array, carry_extra=
   init = (jnp.asarray(first, jnp.int32), x, jnp.zeros(x.shape[:1], bool), carry_extra)
   _, x_out, fooled, extra = jax.lax.while_loop(cond, body, init)
   return x_out, fooled, extra
+
+
+def one_run(x: jax.Array, active: jax.Array, x_run: jax.Array, fooled_run: jax.Array):
+  """`runs_loop` over the one run whose `(x_run, fooled_run)` is given: `(x_out, fooled)`."""
+  return jnp.where(expand(active, x.ndim), x_run, x), active & fooled_run
+
+
+Loops = tuple[tuple[int, int], ...]  # (start, stop) of each loop, in order
+
+
+class Program(NamedTuple):
+  """An attack cut at its loops, so that a caller chooses how they run.
+
+  `init() -> state`; then for each loop k, `(start, stop) = loops[k]`, for i in range(start,
+  stop) while `going(state)` (always, where `going` is None): `state = body(k, i, state)`; then
+  `finish(state) -> outputs`. `run_on_device` makes each loop a `lax` loop inside the caller's
+  jit; the ensemble driver instead calls a jitted `body` from the host, one iteration at a time
+  (`runtime.host_attack_loops`). The functions close over the attack's inputs and settings;
+  `loops` depends on the settings only. What the iterations need beyond the inputs (APGD-T's
+  targets) `init` computes into the state: with host loops, `body` is a program of its own, and
+  anything it closes over would be computed again at every iteration.
+  """
+  init: Callable[[], Any]
+  loops: Loops
+  body: Callable[[int, jax.Array, Any], Any]
+  finish: Callable[[Any], Any]
+  going: Callable[[Any], jax.Array] | None = None
+
+
+def run_on_device(program: Program):
+  """`program`'s outputs, its loops as `lax.fori_loop` (`lax.while_loop` with `going`)."""
+  state = program.init()
+  for k, (start, stop) in enumerate(program.loops):
+    body = lambda i, s, k=k: program.body(k, i, s)
+    if program.going is None:
+      state = jax.lax.fori_loop(start, stop, body, state)
+    else:
+      _, state = jax.lax.while_loop(
+          lambda c, stop=stop: (c[0] < stop) & program.going(c[1]),
+          lambda c, body=body: (c[0] + 1, body(c[0], c[1])), (jnp.int32(start), state))
+  return program.finish(state)
 
 
 def nth_largest(logits: jax.Array, rank) -> jax.Array:

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import jax
 import jax.numpy as jnp
 
 from gacd_jax import attacks
-from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, distance, example_keys,
-                                        expand, nth_largest, random_start, run_count, runs_loop)
+from gacd_jax.autoattack.common import (Loops, Model, Norm, Program, argmax_differs, distance,
+                                        example_keys, expand, nth_largest, one_run, random_start,
+                                        run_count, run_on_device, runs_loop)
 
 
 def _water_level(weights: jax.Array, caps: jax.Array, target: jax.Array) -> jax.Array:
@@ -52,16 +55,17 @@ def project_onto_hyperplane(t: jax.Array, w: jax.Array, b: jax.Array, norm: Norm
   return jnp.where(live, -w * jnp.minimum(lam[:, None], limit), 0.0)
 
 
-def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_start: jax.Array,
-             model_key: jax.Array, *, norm: Norm, targeted: bool, n_iter: int, alpha_max: float,
-             eta: float, beta: float) -> tuple[jax.Array, jax.Array]:
-  """One FAB run: `(x_min [B, H, W, C], dist_min [B])`, the closest misclassified iterate and its
-  distance to x (inf and x itself where none was found)."""
+def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], jax.Array],
+             x_start: Callable[[], jax.Array], model_key: jax.Array, *, norm: Norm,
+             targeted: bool, n_iter: int, alpha_max: float, eta: float, beta: float) -> Program:
+  """One FAB run as a `Program` whose outputs are `(x_min [B, H, W, C], dist_min [B])`: the
+  closest misclassified iterate and its distance to x (inf and x itself where none was found).
+  `targets()` gives the target classes (used when `targeted`), `x_start()` the first iterate."""
   batch = x.shape[0]
   flat_x = x.reshape(batch, -1)
   rows = jnp.arange(batch)
 
-  def linearisation(x1, key):
+  def linearisation(x1, targets, key):
     """Per example the logit differences f_k - f_y and their gradients: `[B, M]`, `[B, M, D]`."""
     if targeted:
       def diff(xx):
@@ -82,9 +86,9 @@ def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_sta
     # The true class is no boundary to cross.
     return jnp.where(jax.nn.one_hot(y, n_classes, dtype=bool), 1e10, df), dg
 
-  def body(i, s):
-    x1, x_min, dist_min = s
-    df, dg = linearisation(x1, jax.random.fold_in(model_key, 2 * i))
+  def body(_, i, s):
+    run_targets, x1, x_min, dist_min = s
+    df, dg = linearisation(x1, run_targets, jax.random.fold_in(model_key, 2 * i))
     dual = (jnp.sum(jnp.abs(dg), -1) if norm == "linf"
             else jnp.sqrt(jnp.sum(jnp.square(dg), -1)))
     nearest = jnp.argmin(jnp.abs(df) / (dual + 1e-12), axis=-1)  # the closest linearised boundary
@@ -107,11 +111,51 @@ def _fab_run(model: Model, x: jax.Array, y: jax.Array, targets: jax.Array, x_sta
     dist_min = jnp.where(closer, dist, dist_min)
     # Once across the boundary, step back towards x to look for a closer crossing.
     x1 = jnp.where(expand(adversarial, x.ndim), x + beta * (x1 - x), x1)
-    return x1, x_min, dist_min
+    return run_targets, x1, x_min, dist_min
 
-  init = (x_start, x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
-  _, x_min, dist_min = jax.lax.fori_loop(0, n_iter, body, init)
-  return x_min, dist_min
+  def init():
+    return targets(), x_start(), x, jnp.full(x.shape[:1], jnp.inf, x.dtype)
+
+  return Program(init, fab_loops(n_iter), body, lambda s: s[2:])
+
+
+def fab_loops(n_iter: int = 100, **_) -> Loops:
+  """The loops of a FAB run's `Program`: its `n_iter` steps."""
+  return ((0, n_iter),)
+
+
+def _fab_runs(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array,
+              *, eps, norm: Norm, targeted: bool, n_iter: int, n_restarts: int,
+              **run_settings) -> Callable[[jax.Array], Program]:
+  """Run number r of FAB as a `Program` whose outputs are `(x_run, dist_run, fooled_run)`."""
+  clean_key, runs_key = jax.random.split(model_key)
+
+  def program(r):
+    run_key = jax.random.fold_in(runs_key, r)
+
+    def targets():
+      return nth_largest(model(x, clean_key), r // n_restarts + 2) if targeted else y
+
+    def x_start():
+      return jnp.where(r % n_restarts == 0, x,
+                       random_start(example_keys(keys, r), x, 0.5 * eps, norm))
+    run = _fab_run(model, x, y, targets, x_start, run_key, norm=norm, targeted=targeted,
+                   n_iter=n_iter, **run_settings)
+
+    def finish(s):
+      x_run, dist_run = run.finish(s)
+      fooled = ((dist_run <= eps)
+                & argmax_differs(model(x_run, jax.random.fold_in(run_key, 2 * n_iter)), y))
+      return x_run, dist_run, fooled
+    return run._replace(finish=finish)
+  return program
+
+
+def _closer(running, x_run, dist_run, x_min, dist_min):
+  """The closest point so far, `(x_min, dist_min)`, updated with a run's where `running`."""
+  closer = running & (dist_run < dist_min)
+  return (jnp.where(expand(closer, x_run.ndim), x_run, x_min),
+          jnp.where(closer, dist_run, dist_min))
 
 
 def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
@@ -133,25 +177,36 @@ def fab(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: ja
   norm = attacks.norm_name(norm)
   active = jnp.ones(x.shape[:1], bool) if active is None else active
   runs = (0, run_count(n_restarts, n_target_classes, targeted)) if runs is None else runs
-  clean_key, runs_key = jax.random.split(model_key)
-  clean_logits = model(x, clean_key)
+  program = _fab_runs(model, x, y, keys, model_key, eps=eps, norm=norm, targeted=targeted,
+                      n_iter=n_iter, n_restarts=n_restarts, alpha_max=alpha_max, eta=eta,
+                      beta=beta)
 
   def run(r, running, extra):
-    x_min, dist_min = extra
-    run_key = jax.random.fold_in(runs_key, r)
-    targets = nth_largest(clean_logits, r // n_restarts + 2) if targeted else y
-    x_start = jnp.where(r % n_restarts == 0, x,
-                        random_start(example_keys(keys, r), x, 0.5 * eps, norm))
-    x_run, dist_run = _fab_run(
-        model, x, y, targets, x_start, run_key, norm=norm,
-        targeted=targeted, n_iter=n_iter, alpha_max=alpha_max, eta=eta, beta=beta)
-    closer = running & (dist_run < dist_min)
-    x_min = jnp.where(expand(closer, x.ndim), x_run, x_min)
-    dist_min = jnp.where(closer, dist_run, dist_min)
-    fooled = ((dist_run <= eps)
-              & argmax_differs(model(x_run, jax.random.fold_in(run_key, 2 * n_iter)), y))
-    return x_run, fooled, (x_min, dist_min)
+    x_run, dist_run, fooled = run_on_device(program(r))
+    return x_run, fooled, _closer(running, x_run, dist_run, *extra)
 
   init = (x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
   _, fooled, (x_min, _) = runs_loop(runs, run, x, active, init)
   return x_min, fooled
+
+
+def fab_program(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array,
+                *, run: jax.Array, eps: float, norm: Norm = "linf", targeted: bool = True,
+                n_iter: int = 100, n_restarts: int = 1, n_target_classes: int = 9,
+                alpha_max: float = 0.1, eta: float = 1.05, beta: float = 0.9,
+                active: jax.Array | None = None) -> Program:
+  """Run number `run` of `fab` as a `Program` (loops: `fab_loops(n_iter)`) whose outputs equal
+  `fab(..., runs=(run, run + 1))`'s. Arguments as `fab`."""
+  del n_target_classes  # the runs are numbered by the caller
+  norm = attacks.norm_name(norm)
+  active = jnp.ones(x.shape[:1], bool) if active is None else active
+  program = _fab_runs(model, x, y, keys, model_key, eps=eps, norm=norm, targeted=targeted,
+                      n_iter=n_iter, n_restarts=n_restarts, alpha_max=alpha_max, eta=eta,
+                      beta=beta)(run)
+
+  def finish(s):
+    x_run, dist_run, fooled = program.finish(s)
+    x_min, _ = _closer(active, x_run, dist_run, x, jnp.full(x.shape[:1], jnp.inf, x.dtype))
+    _, fooled = one_run(x, active, x_run, fooled)
+    return x_min, fooled
+  return program._replace(finish=finish)

@@ -10,8 +10,8 @@ import numpy as np
 
 from gacd_jax import losses
 from gacd_jax import attacks
-from gacd_jax.autoattack.common import (Model, Norm, argmax_differs, distance, example_keys,
-                                        expand, normalize, project)
+from gacd_jax.autoattack.common import (Loops, Model, Norm, Program, argmax_differs, distance,
+                                        example_keys, expand, normalize, project, run_on_device)
 
 
 def _margin(logits: jax.Array, labels: jax.Array) -> jax.Array:
@@ -148,6 +148,59 @@ def _square_l2_candidate(key, x, x_best, eps, size):
   return jnp.clip(x + eps * normalize(delta, "l2"), 0.0, 1.0)
 
 
+def square_loops(n_queries: int = 5000, p_init: float = 0.8, **_) -> Loops:
+  """The loops of Square's `Program`: one per phase of `square_schedule`."""
+  return tuple((start, end) for start, end, _ in square_schedule(n_queries, p_init))
+
+
+def square_program(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array,
+                   model_key: jax.Array, *, eps: float, norm: Norm = "linf",
+                   n_queries: int = 5000, p_init: float = 0.8,
+                   active: jax.Array | None = None) -> Program:
+  """`square` as a `Program` (loops: `square_loops(n_queries, p_init)`, going while an active
+  example is still classified correctly); the same arguments and outputs."""
+  norm = attacks.norm_name(norm)
+  active = jnp.ones(x.shape[:1], bool) if active is None else active
+  _, height, width, _ = x.shape
+  candidates = []
+  for _, _, p in square_schedule(n_queries, p_init):
+    size = int(round(np.sqrt(p * height * width)))
+    if norm == "linf":
+      size = min(max(size, 1), height, width)
+      candidates.append(functools.partial(_square_linf_candidate, eps=eps, size=size))
+    else:
+      size = max(size, 3)
+      size = min(size + 1 - size % 2, height, width)  # odd, so the pattern has a centre
+      candidates.append(functools.partial(_square_l2_candidate, eps=eps, size=size))
+
+  def init():
+    if norm == "linf":
+      stripes = jax.vmap(lambda k: jax.random.rademacher(k, (1, width, x.shape[-1]),
+                                                         x.dtype))(keys)
+      x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
+    else:
+      x_best = _square_l2_start(keys, x, eps)
+    return x_best, _margin(model(x_best, jax.random.fold_in(model_key, n_queries)), y)
+
+  def body(phase, i, state):
+    x_best, margin = state
+    x_new = candidates[phase](example_keys(keys, i), x, x_best)
+    new_margin = _margin(model(x_new, jax.random.fold_in(model_key, i)), y)
+    better = active & (margin > 0) & (new_margin < margin)
+    return (jnp.where(expand(better, x.ndim), x_new, x_best),
+            jnp.where(better, new_margin, margin))
+
+  def going(state):
+    return jnp.any(active & (state[1] > 0))
+
+  def finish(state):
+    x_best, _ = state
+    model_out = model(x_best, jax.random.fold_in(model_key, n_queries + 1))
+    return x_best, active & argmax_differs(model_out, y)
+
+  return Program(init, square_loops(n_queries, p_init), body, finish, going)
+
+
 def square(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array, *,
            eps: float, norm: Norm = "linf", n_queries: int = 5000, p_init: float = 0.8,
            active: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
@@ -160,40 +213,5 @@ def square(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key:
   Returns:
     `(x_adv [B, H, W, C], fooled [B])`, x_adv always in the eps-ball and in [0, 1].
   """
-  norm = attacks.norm_name(norm)
-  active = jnp.ones(x.shape[:1], bool) if active is None else active
-  _, height, width, channels = x.shape
-  if norm == "linf":
-    stripes = jax.vmap(lambda k: jax.random.rademacher(k, (1, width, channels), x.dtype))(keys)
-    x_best = jnp.clip(x + eps * stripes, 0.0, 1.0)
-  else:
-    x_best = _square_l2_start(keys, x, eps)
-  margin = _margin(model(x_best, jax.random.fold_in(model_key, n_queries)), y)
-
-  for start, end, p in square_schedule(n_queries, p_init):
-    size = int(round(np.sqrt(p * height * width)))
-    if norm == "linf":
-      size = min(max(size, 1), height, width)
-      candidate = functools.partial(_square_linf_candidate, eps=eps, size=size)
-    else:
-      size = max(size, 3)
-      size = min(size + 1 - size % 2, height, width)  # odd, so the pattern has a centre
-      candidate = functools.partial(_square_l2_candidate, eps=eps, size=size)
-
-    def cond(state, end=end):
-      i, _, margin = state
-      return (i < end) & jnp.any(active & (margin > 0))
-
-    def body(state, candidate=candidate):
-      i, x_best, margin = state
-      x_new = candidate(example_keys(keys, i), x, x_best)
-      new_margin = _margin(model(x_new, jax.random.fold_in(model_key, i)), y)
-      better = active & (margin > 0) & (new_margin < margin)
-      return (i + 1, jnp.where(expand(better, x.ndim), x_new, x_best),
-              jnp.where(better, new_margin, margin))
-
-    _, x_best, margin = jax.lax.while_loop(cond, body, (jnp.int32(start), x_best, margin))
-
-  fooled = active & argmax_differs(model(x_best, jax.random.fold_in(model_key, n_queries + 1)),
-                                    y)
-  return x_best, fooled
+  return run_on_device(square_program(model, x, y, keys, model_key, eps=eps, norm=norm,
+                                      n_queries=n_queries, p_init=p_init, active=active))
