@@ -431,3 +431,18 @@ def test_twenty_examples_are_attacked_in_a_batch_of_at_most_32(mlp, monkeypatch)
   assert len(shapes) >= 3  # APGD-CE, then APGD-T's two target runs
   # By default the loops are the backend's choice (the CPU here: from the host).
   assert set(host_loops) == {runtime.host_attack_loops(jax.default_backend())} == {True}
+
+
+def test_host_loops_are_for_the_gradient_attacks_and_square_keeps_its_xla_loop(mlp, monkeypatch):
+  f, x, y = mlp
+  chosen = {}
+
+  def recording(fn, attack, settings, norm, by_run, host_loops):
+    chosen[attack.__name__] = host_loops
+    return lambda params, xx, *rest: (xx, np.zeros(len(xx), bool))  # breaks nothing
+
+  monkeypatch.setattr(aa, "_batch_attack", recording)
+  aa.evaluate(f, x[:8], y[:8], eps=EPS["Linf"], host_loops=True, progress=False)
+  assert chosen == {"apgd": True, "fab": True, "square": False}
+  aa.evaluate(f, x[:8], y[:8], eps=EPS["Linf"], host_loops=False, progress=False)
+  assert not any(chosen.values())
