@@ -32,28 +32,34 @@ from gacd_jax import sharding
 MapFn = Callable[..., dict[str, jax.Array]]
 
 
+def cache_if_hashable(maxsize: int) -> Callable[[Callable], Callable]:
+  """Decorator for a function that builds a compiled function: memoised on its arguments when
+  they are all hashable (so equal models reuse one compilation); an unhashable argument (e.g. a
+  mutable dataclass instance) builds afresh, and so compiles on every call."""
+  def decorate(build: Callable) -> Callable:
+    cached = functools.lru_cache(maxsize=maxsize)(build)
+
+    @functools.wraps(build)
+    def build_or_reuse(*args):
+      try:
+        hash(args)
+      except TypeError:
+        return build(*args)
+      return cached(*args)
+    return build_or_reuse
+  return decorate
+
+
+@cache_if_hashable(maxsize=64)
 def compiled(fn: MapFn) -> Callable:
   """`(variables, batch, rng, args) -> ({name: [B, ...]}, mask, index)`: `fn` on a global batch
-  (a dict with 'image', 'label', 'mask', 'index'), jitted; the same function for equal `fn`s.
-
-  An unhashable `fn` gets a fresh jit (and so compiles on every call).
-  """
-  try:
-    hash(fn)
-  except TypeError:
-    return _jit(fn)
-  return _cached_jit(fn)
-
-
-def _jit(fn: MapFn) -> Callable:
+  (a dict with 'image', 'label', 'mask', 'index'), jitted; the same function for equal `fn`s
+  (`cache_if_hashable`)."""
   @jax.jit
   def run(variables, batch, rng, args):
     out = fn(variables, batch["image"], batch["label"], rng, *args)
     return out, batch["mask"], batch["index"]
   return run
-
-
-_cached_jit = functools.lru_cache(maxsize=64)(_jit)
 
 
 def map_batches(fn: MapFn, variables: Any, batches: Iterable[dict[str, jax.Array]], *,

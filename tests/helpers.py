@@ -49,3 +49,18 @@ def run_cli(*args: str, timeout: int = 600) -> subprocess.CompletedProcess:
              GACD_JAX_COMPILATION_CACHE=os.environ["JAX_COMPILATION_CACHE_DIR"])
   return subprocess.run([sys.executable, "-m", "gacd_jax.cli", *args], capture_output=True,
                         text=True, env=env, timeout=timeout, cwd=REPO)
+
+
+def randomize_batch_norm(model):
+  """A PyTorch `model` with random BatchNorm2d affine parameters and running statistics (from
+  torch's global generator; seed it first), changed in place and returned: parity tests then
+  cover the normalisation, which fresh layers (weight 1, bias 0, mean 0, var 1) would hide."""
+  import torch  # pylint: disable=g-import-not-at-top
+  with torch.no_grad():
+    for m in model.modules():
+      if isinstance(m, torch.nn.BatchNorm2d):
+        m.weight.uniform_(0.5, 1.5)
+        m.bias.uniform_(-0.2, 0.2)
+        m.running_mean.uniform_(-0.5, 0.5)
+        m.running_var.uniform_(0.5, 2.0)
+  return model

@@ -33,6 +33,7 @@ from gacd_jax import train
 from gacd_jax.methods import contrastive
 from gacd_jax.methods import gacd as gacd_lib
 from gacd_jax.methods.base import Context, InitInfo
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 from experiments.pytorch_baseline import (  # pylint: disable=g-import-not-at-top
@@ -57,15 +58,8 @@ GRAD_NOISE = 1e-4
 def _torch_model(width: int, seed: int) -> "torch.nn.Module":
   """A PyTorch small_cnn with random weights, BatchNorm affine parameters and statistics."""
   torch.manual_seed(seed)
-  model = torch_models.build("small_cnn", NUM_CLASSES, width=width)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.2, 0.2)
-        m.running_mean.uniform_(-0.5, 0.5)
-        m.running_var.uniform_(0.5, 2.0)
-  return model
+  return helpers.randomize_batch_norm(
+      torch_models.build("small_cnn", NUM_CLASSES, width=width))
 
 
 def _flax_variables(torch_model: "torch.nn.Module", width: int) -> dict:

@@ -23,6 +23,7 @@ from gacd_jax import cli
 from gacd_jax import models
 from gacd_jax import robustbench_teachers as rb
 from gacd_jax import torch_convert
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 _SPEC = importlib.util.find_spec("robustbench")
@@ -48,14 +49,7 @@ C10 = (DM.CIFAR10_MEAN, DM.CIFAR10_STD)
 def _random_batch_norm(model):
   """`model` in eval mode with random BatchNorm affine parameters and running statistics."""
   torch.manual_seed(0)
-  with torch.no_grad():
-    for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.2, 0.2)
-        m.running_mean.uniform_(-0.5, 0.5)
-        m.running_var.uniform_(0.5, 2.0)
-  return model.eval()
+  return helpers.randomize_batch_norm(model).eval()
 
 
 class _Normalised(torch.nn.Module):

@@ -21,6 +21,7 @@ from gacd_jax import checkpoints
 from gacd_jax import models
 from gacd_jax import torch_convert
 from gacd_jax.errors import CheckpointError
+from tests import helpers
 
 torch = pytest.importorskip("torch")
 from experiments.pytorch_baseline import (  # pylint: disable=g-import-not-at-top
@@ -43,15 +44,10 @@ BATCH = 2
 def _torch_model(name: str, **kw) -> "torch.nn.Module":
   """A reference model in eval mode with random weights and BatchNorm affine params and stats."""
   torch.manual_seed(0)
-  model = torch_models.build(name, NUM_CLASSES, **kw)
+  model = helpers.randomize_batch_norm(torch_models.build(name, NUM_CLASSES, **kw))
   with torch.no_grad():
     for m in model.modules():
-      if isinstance(m, torch.nn.BatchNorm2d):
-        m.weight.uniform_(0.5, 1.5)
-        m.bias.uniform_(-0.2, 0.2)
-        m.running_mean.uniform_(-0.5, 0.5)
-        m.running_var.uniform_(0.5, 2.0)
-      elif isinstance(m, torch.nn.Linear):
+      if isinstance(m, torch.nn.Linear):
         m.bias.uniform_(-0.2, 0.2)
   return model.eval()
 

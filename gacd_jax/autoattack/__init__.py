@@ -292,9 +292,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   for stage, name in enumerate(names, start=1):
     tic = time.perf_counter()
     attack, kw, n_runs = settings[name]
-    # An unhashable callable (e.g. a dataclass instance) is compiled afresh on each call.
-    make = _batch_attack if _hashable(fn) else _batch_attack.__wrapped__
-    run = make(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0,
+    run = _batch_attack(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0,
                host_loops and attack in _HOST_LOOP_ATTACKS)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
     bar = tqdm(desc=name, unit="batch", disable=not progress, leave=False)
@@ -337,14 +335,6 @@ class _Predict:
     return {"prediction": jnp.argmax(self.fn(params, x, key), -1)}
 
 
-def _hashable(obj) -> bool:
-  try:
-    hash(obj)
-  except TypeError:
-    return False
-  return True
-
-
 # The attacks that gain from host loops: those that take gradients. Square only runs forward
 # passes, which XLA's loops run at full speed, and its host loop would synchronise every query
 # to ask whether an example is left (91 s in an XLA loop against 116 s from the host, 5,000
@@ -375,7 +365,7 @@ def _broken(model: Model, x_adv, fooled, x, y, mask, check_key, eps, norm: Norm)
   return mask & fooled & wrong & within
 
 
-@functools.lru_cache(maxsize=32)
+@evaluator.cache_if_hashable(maxsize=32)
 def _batch_attack(fn: _WithParams, attack: Callable, settings: tuple[tuple[str, object], ...],
                   norm: Norm, by_run: bool, host_loops: bool = False) -> Callable:
   """`(params, x, y, mask, index, batch_number, run, attack_key, eps) -> (x_adv, broken)` for one
