@@ -23,8 +23,11 @@ import pathlib
 import warnings
 from typing import Any, Mapping, MutableMapping, Optional
 
+from gacd_jax import errors
+
 CPU_XLA_FLAGS = "--xla_cpu_experimental_ynn_fusion_type=-individual_convolution"
 CACHE_ENV = "GACD_JAX_COMPILATION_CACHE"
+ATTACK_LOOPS_ENV = "GACD_JAX_ATTACK_LOOPS"
 
 
 def store_conv_inputs(backend: str) -> bool:
@@ -61,16 +64,24 @@ def expected_backend(environ: Mapping[str, str] = os.environ,
   return "cpu"
 
 
-def host_attack_loops(backend: str) -> bool:
+def host_attack_loops(backend: str, environ: Mapping[str, str] = os.environ) -> bool:
   """Whether attacks should keep their iterations out of XLA loops on `backend` ('cpu', 'gpu',
-  'tpu'): AutoAttack's run from the host, one compiled iteration per call
+  'tpu'): AutoAttack's gradient attacks run from the host, one compiled iteration per call
   (`autoattack.evaluate(host_loops=...)`).
 
   Only XLA CPU gains: a convolution's forward and backward pass inside a while loop runs ~2x
   slower there than the same computation called from a Python loop (the README's AutoAttack
   section measures it). GPU and TPU run loops on the device at full speed, and a host loop would
-  only add a launch per iteration. The results are the same either way.
+  only add a launch per iteration. The results are the same either way. `$GACD_JAX_ATTACK_LOOPS`
+  ('host' or 'xla') overrides the choice: a host loop compiles three programs per attack
+  instead of one, so for tiny models, whose evaluation is mostly compiling, 'xla' is faster.
   """
+  choice = environ.get(ATTACK_LOOPS_ENV, "")
+  if choice in ("host", "xla"):
+    return choice == "host"
+  if choice:
+    raise errors.ConfigError(f"{ATTACK_LOOPS_ENV}={choice!r} is not a choice; set it to 'host' "
+                             "or 'xla', or unset it to let the backend decide")
   return backend == "cpu"
 
 

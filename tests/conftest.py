@@ -2,7 +2,7 @@
 the tests (and their subprocesses), and a method registry restored after each test.
 
 Many tests compile the same tiny train step; on a 2-core CPU compiling dominates their time, so the
-cache keeps the suite inside its budget. It lives under pytest's cache directory of the checkout.
+cache keeps the suite inside its budget (and AutoAttack keeps its XLA loops, fewer programs). It lives under pytest's cache directory of the checkout.
 """
 
 import copy
@@ -21,6 +21,10 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+# AutoAttack in XLA loops: the tests' tiny models are compile-bound, and a host loop compiles three
+# programs per attack instead of one (an end-to-end test took 2.6-2.8x as long). test_autoattack
+# checks that the host loops compute the same, with `host_loops=True` given explicitly.
+os.environ.setdefault(runtime.ATTACK_LOOPS_ENV, "xla")
 
 
 @pytest.fixture(autouse=True)

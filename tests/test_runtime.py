@@ -15,6 +15,7 @@ from gacd_jax import data
 from gacd_jax import runtime
 from gacd_jax import sharding
 from gacd_jax import train
+from gacd_jax.errors import ConfigError
 from tests import test_train
 
 
@@ -116,9 +117,17 @@ def test_only_the_cpu_backend_stores_convolution_inputs():
 
 
 def test_only_the_cpu_backend_runs_attack_loops_outside_xla_loops():
-  assert runtime.host_attack_loops("cpu")
-  assert not runtime.host_attack_loops("gpu")
-  assert not runtime.host_attack_loops("tpu")
+  assert runtime.host_attack_loops("cpu", {})
+  assert not runtime.host_attack_loops("gpu", {})
+  assert not runtime.host_attack_loops("tpu", {})
+
+
+def test_the_attack_loops_can_be_chosen_and_a_wrong_choice_is_named():
+  env = runtime.ATTACK_LOOPS_ENV
+  assert not runtime.host_attack_loops("cpu", {env: "xla"})
+  assert runtime.host_attack_loops("gpu", {env: "host"})
+  with pytest.raises(ConfigError, match="GACD_JAX_ATTACK_LOOPS='device' is not a choice"):
+    runtime.host_attack_loops("cpu", {env: "device"})
 
 
 def test_cpu_convolutions_store_their_inputs_and_compute_the_same():
