@@ -2,7 +2,8 @@
 the tests (and their subprocesses), and a method registry restored after each test.
 
 Many tests compile the same tiny train step; on a 2-core CPU compiling dominates their time, so the
-cache keeps the suite inside its budget (and AutoAttack keeps its XLA loops, fewer programs). It lives under pytest's cache directory of the checkout.
+cache keeps the suite inside its budget (and AutoAttack keeps its XLA loops: fewer programs). It
+lives under pytest's cache directory of the checkout.
 """
 
 import copy

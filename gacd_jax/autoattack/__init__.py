@@ -234,7 +234,8 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     mesh: the device mesh (default: all devices).
     host_loops: run the gradient attacks' iterations (APGD, FAB) from the host, one compiled
       step at a time (and EOT's draws unrolled), instead of in XLA loops: the same results,
-      faster where XLA loops are slow. Default: `runtime.host_attack_loops` for the mesh's backend (on for the CPU).
+      faster where XLA loops are slow. Default: `runtime.host_attack_loops` for the mesh's
+      backend (on for the CPU).
     progress: a tqdm bar per attack.
 
   Returns:
@@ -293,7 +294,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
     tic = time.perf_counter()
     attack, kw, n_runs = settings[name]
     run = _batch_attack(fn, attack, tuple(sorted(kw.items())), norm, n_runs > 0,
-               host_loops and attack in _HOST_LOOP_ATTACKS)
+                        host_loops and attack in _HOST_LOOP_ATTACKS)
     attack_key = jax.random.fold_in(root, ATTACKS.index(name))
     bar = tqdm(desc=name, unit="batch", disable=not progress, leave=False)
     # Run by run (restarts, targets), each on the examples every earlier run left robust.
