@@ -300,6 +300,20 @@ def datasets_and_seeds(parser: argparse.ArgumentParser, datasets: str,
     parser.error(f"--seeds={seeds!r} is not a comma-separated list of integers")
 
 
+def rerun_command(argv: list[str]) -> list[str]:
+  """`argv` as a user reruns the whole study: without how this process took part in it
+  (`--shard K/N`, `--tables-only`)."""
+  out, skip = [], False
+  for arg in argv:
+    if skip:
+      skip = False
+    elif arg == "--shard":
+      skip = True
+    elif not (arg.startswith("--shard=") or arg == "--tables-only"):
+      out.append(arg)
+  return out
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("kind", choices=("grid", "ablation"))
@@ -314,6 +328,8 @@ def main(argv=None) -> None:
   parser.add_argument("--suite", default="", help="AutoAttack version; default: standard for "
                       "grid, fast for ablation")
   parser.add_argument("--shard", default="0/1", help="K/N: this process runs every N-th run")
+  parser.add_argument("--tables-only", action="store_true",
+                      help="rewrite the tables and plots from the runs finished so far, and stop")
   parser.add_argument("--no-progress", action="store_true")
   args = parser.parse_args(argv)
   runtime.configure()
@@ -335,12 +351,19 @@ def main(argv=None) -> None:
   root = pathlib.Path(args.workdir)
   teachers, students = plan(args.kind, root, datasets, seeds, names, split, suite)
   stored: dict[pathlib.Path, dict] = {}
-  command = argv if argv is not None else sys.argv[1:]
+  command = rerun_command(argv if argv is not None else sys.argv[1:])
 
   def report(final: bool) -> None:
     if shard == 0:
+      for run in teachers + students:  # also what the other shards finished
+        if run.workdir not in stored and (result := _stored_result(run)) is not None:
+          stored[run.workdir] = result
       write_results(args.kind, pathlib.Path(args.out), datasets, teachers, students, stored,
                     split, suite, command, echo=final)
+
+  if args.tables_only:
+    report(final=True)
+    return
 
   # The teachers are trained first (every student needs one) and evaluated last: the widest
   # model's AutoAttack is the slowest run, and no student waits for it.

@@ -125,3 +125,21 @@ def test_teachers_train_first_and_evaluate_last_and_tables_follow_every_run(tmp_
                    ("evaluate", "gacd"), ("write", 4, False),
                    ("evaluate", "teacher"), ("write", 5, False), ("evaluate", "teacher"),
                    ("write", 6, False), ("write", 6, True)]
+
+
+def test_tables_only_reports_every_finished_run_and_a_command_without_the_shard(tmp_path,
+                                                                                monkeypatch):
+  calls = []
+  finished = {"ard": {"accuracy": {"clean": 0.9, "pgd20": 0.5, "autoattack": 0.4}}}
+  monkeypatch.setattr(study, "_stored_result", lambda run: finished.get(run.name))
+  monkeypatch.setattr(study.train, "train", lambda *_, **__: calls.append("train"))
+  monkeypatch.setattr(study, "train_and_evaluate", lambda *_, **__: calls.append("evaluate"))
+  monkeypatch.setattr(study, "write_results", lambda *args, echo: calls.append(
+      ("write", sorted(p.name for p in args[5]), args[8], echo)))
+  study.main(["grid", "--workdir", str(tmp_path), "--datasets", "digits", "--seeds", "0,1",
+              "--names", "ard,gacd", "--shard", "0/2", "--tables-only", "--no-progress"])
+  # Both seeds' ARD (run by any shard) are in the tables; nothing is trained or evaluated.
+  assert calls == [("write", ["ard", "ard"], ["grid", "--workdir", str(tmp_path), "--datasets",
+                                             "digits", "--seeds", "0,1", "--names", "ard,gacd",
+                                             "--no-progress"], True)]
+  assert study.rerun_command(["grid", "--shard=1/2", "--seeds", "0"]) == ["grid", "--seeds", "0"]
