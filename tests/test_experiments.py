@@ -2,6 +2,7 @@
 is asserted)."""
 
 import contextlib
+import importlib.util
 import io
 
 import numpy as np
@@ -43,10 +44,13 @@ def test_benchmark_reports_every_row_and_the_bf16_drift(monkeypatch):
     assert float(cells[3]) > 0 and float(cells[4]) > 0  # JAX and PyTorch img/s
 
 
-@pytest.mark.parametrize("fmt", ["python", "binary", "folder", "npz"])
+@pytest.mark.parametrize("fmt", ["python", "binary", "folder", "npz", "tfds"])
 def test_input_pipeline_writes_each_format_and_measures_its_reading(fmt, tmp_path):
   """The benchmark's files read back as written, and each measured rate is a positive number."""
   from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  if fmt not in input_pipeline.formats():
+    pytest.skip("writing tfds array_record needs TensorFlow (not a dependency: pip install "
+                "tensorflow-cpu); reading it is tested in test_data_files")
   from gacd_jax import data  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   splits = {split: (rng.integers(256, size=(n, 32, 32, 3), dtype=np.uint8),
@@ -59,3 +63,14 @@ def test_input_pipeline_writes_each_format_and_measures_its_reading(fmt, tmp_pat
   assert row["format"] == fmt
   for key in ("open img/s", "sync img/s", "delivered img/s"):
     assert float(row[key].replace(",", "")) > 0, key
+
+
+def test_input_pipeline_leaves_out_tfds_without_tensorflow_and_says_so(monkeypatch, capsys):
+  from experiments import input_pipeline  # pylint: disable=g-import-not-at-top
+  real = importlib.util.find_spec
+  monkeypatch.setattr(importlib.util, "find_spec",
+                      lambda name, *a: None if name == "tensorflow" else real(name, *a))
+  assert input_pipeline.formats() == ("python", "binary", "folder", "npz")
+  monkeypatch.setattr(input_pipeline, "FORMATS", ("tfds",))  # nothing left to measure
+  assert input_pipeline.run(num_examples=8, batch=4) == []
+  assert "tfds: not measured (writing it needs TensorFlow" in capsys.readouterr().out
