@@ -20,6 +20,7 @@ evaluated last (their AutoAttack is the slowest). `--shard K/N` runs every N-th 
 """
 
 import argparse
+import functools
 import json
 import pathlib
 import sys
@@ -133,14 +134,24 @@ def _complete(run: Run) -> bool:
   return checkpoints.latest_step(run.workdir) == info["steps_per_epoch"] * run.config.train.epochs
 
 
+def _split_size(config: ConfigDict) -> int:
+  """The examples of the split `config` evaluates on."""
+  return _cached_split_size(config.data.to_json(), config.eval.split, config.seed)
+
+
+@functools.cache
+def _cached_split_size(data_json: str, split: str, seed: int) -> int:
+  return data.from_config(ConfigDict(json.loads(data_json)), split, seed=seed).num_examples
+
+
 def _stored_result(run: Run) -> Optional[dict]:
   """The evaluation already in the run's workdir, if it was made with the run's eval settings."""
   path = run.workdir / evaluate.results_file(run.config.eval.split)
   if not path.exists() or not _complete(run):
     return None
   stored = json.loads(path.read_text())
-  source = evaluate.test_source(run.config)
-  examples = min(run.config.eval.max_examples or source.num_examples, source.num_examples)
+  size = _split_size(run.config)
+  examples = min(run.config.eval.max_examples or size, size)
   if stored.get("suite") != run.config.eval.suite or stored.get("examples") != examples:
     return None
   return stored

@@ -2,7 +2,7 @@
 
 `config.data.format` picks the reader; 'auto' looks at `data_dir` and finds the one format there:
 
-  tfds     `DIR/<name>/...`: a tfds array_record build, read a batch at a time (random access).
+  tfds     `DIR/<name>/...`: a tfds array_record build (random access), decoded at open.
   python   the official CIFAR python batches: `DIR/cifar-10-batches-py/data_batch_1..5, test_batch`,
            `DIR/cifar-100-python/train, test` (fine labels). Read with `SafeUnpickler`, which
            builds numpy arrays and nothing else: the files' code is never run.
@@ -16,7 +16,8 @@
            uint8 [N, H, W, C] (or [N, H, W]) and integer labels [N] (or [N, 1]); no pickles.
 
 The python, binary, folder and npz readers hold a split in host memory as uint8 NHWC (CIFAR-10's
-train split: 150 MB); the tfds reader reads the same uint8 images per batch. Either way a batch
+train split: 150 MB); so does the tfds reader, decoding the split when it opens it (a split
+over `TFDS_IN_MEMORY_BYTES` is read a batch at a time instead). Either way a batch
 leaves as float32 in [0, 1] like every `data.Source`. A python or binary data_dir may also be the
 official folder itself (e.g. `.../cifar-10-batches-py`).
 """
@@ -28,6 +29,7 @@ import pathlib
 import pickle
 from typing import Any
 
+from absl import logging
 import numpy as np
 
 from gacd_jax import data
@@ -375,8 +377,35 @@ class _NotPrepared(DataError):
   """No tfds build of the split where tfds looked."""
 
 
+# A tfds split up to this many bytes of uint8 images is decoded once, when it is opened, and then
+# held in memory like the other formats: tfds decodes each record in Python (~3,000 CIFAR images/s
+# on one core, measured by `experiments/input_pipeline.py`), too slow to redo for every batch. A
+# larger split is read a batch at a time.
+TFDS_IN_MEMORY_BYTES = 4 << 30
+_TFDS_READ_CHUNK = 4096
+
+
+def _read_records(data_source: Any, keys: list[int],
+                  stored_shape: tuple[int, int, int]) -> tuple[np.ndarray, np.ndarray]:
+  """uint8 images and int32 labels of the records `keys` of a tfds data source."""
+  try:
+    # One batched read (array_record fetches the records in parallel) ...
+    examples = data_source.__getitems__(keys)
+  except (AttributeError, TypeError):
+    # ... where the source has it: under `tfds.testing.mock_data` (4.9.10) `__getitems__`
+    # raises TypeError, so read one item at a time through the Sequence interface.
+    examples = [data_source[key] for key in keys]
+  images = np.empty((len(keys), *stored_shape), np.uint8)
+  labels = np.empty((len(keys),), np.int32)
+  for row, example in enumerate(examples):
+    images[row] = example["image"]
+    labels[row] = example["label"]
+  return images, labels
+
+
 class _TfdsSource(data.Source):
-  """A split read from a tfds array_record data source, a batch at a time; nothing is cached."""
+  """A split read from a tfds array_record data source, a batch at a time; nothing is cached.
+  Only for splits larger than `TFDS_IN_MEMORY_BYTES`."""
 
   def __init__(self, name: str, split: str, data_source: Any, num_examples: int, num_classes: int,
                stored_shape: tuple[int, int, int], image_size: int | None,
@@ -390,19 +419,8 @@ class _TfdsSource(data.Source):
     self._stored_shape = stored_shape
 
   def _read(self, indices: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    keys = [int(i) for i in indices]
-    try:
-      # One batched read (array_record fetches the records in parallel) ...
-      examples = self._data_source.__getitems__(keys)
-    except (AttributeError, TypeError):
-      # ... where the source has it: under `tfds.testing.mock_data` (4.9.10) `__getitems__`
-      # raises TypeError, so read one item at a time through the Sequence interface.
-      examples = [self._data_source[key] for key in keys]
-    images = np.empty((len(keys), *self._stored_shape), np.uint8)
-    labels = np.empty((len(keys),), np.int32)
-    for row, example in enumerate(examples):
-      images[row] = example["image"]
-      labels[row] = example["label"]
+    images, labels = _read_records(self._data_source, [int(i) for i in indices],
+                                   self._stored_shape)
     return data.scale_uint8(images, self.image_shape), labels
 
 
@@ -440,5 +458,16 @@ def _open_tfds(name: str, split: str, data_dir: str | None, image_size: int | No
   total = len(data_source)
   if num_examples is not None:
     data.check_num_examples(name, split, total, num_examples)
-  return _TfdsSource(name, split, data_source, num_examples or total,
-                     features["label"].num_classes, stored_shape, image_size, channels)
+  count, num_classes = num_examples or total, features["label"].num_classes
+  if count * int(np.prod(stored_shape)) > TFDS_IN_MEMORY_BYTES:
+    return _TfdsSource(name, split, data_source, count, num_classes, stored_shape, image_size,
+                       channels)
+  images = np.empty((count, *stored_shape), np.uint8)
+  labels = np.empty((count,), np.int32)
+  logging.info("decoding %s (%s split, %d images) into memory", name, split, count)
+  for start in range(0, count, _TFDS_READ_CHUNK):
+    stop = min(start + _TFDS_READ_CHUNK, count)
+    images[start:stop], labels[start:stop] = _read_records(data_source, list(range(start, stop)),
+                                                           stored_shape)
+  return StoredSource(name, split, images, labels, num_classes, image_size=image_size,
+                      channels=channels)

@@ -204,7 +204,7 @@ def run_autoattack(apply_fn: ApplyFn, variables: Any, source: data.Source, confi
       apply_fn, x, y, params=variables, eps=config.eval.eps, norm="linf",
       version=config.eval.suite, batch_size=config.eval.batch_size, seed=config.seed,
       n_iter=config.eval.autoattack_n_iter, n_queries=config.eval.autoattack_n_queries,
-      host_loops=runtime.host_attack_loops(jax.default_backend()), progress=progress)
+      progress=progress)
 
 
 def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,

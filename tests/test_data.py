@@ -14,6 +14,7 @@ from ml_collections import ConfigDict
 
 from gacd_jax import config as config_lib
 from gacd_jax import data
+from gacd_jax import data_files
 from gacd_jax.errors import ConfigError, DataError
 
 
@@ -278,6 +279,19 @@ def test_cifar10_mocked_batches(mocked_tfds, tmp_path):
     assert set(np.unique(batch["label"])) <= set(range(10))
     seen.extend(batch["index"])
   assert len(seen) == len(set(seen)) == 3 * 16
+
+
+def test_tfds_decodes_a_split_that_fits_at_open_and_reads_a_larger_one_per_batch(
+    mocked_tfds, monkeypatch):
+  del mocked_tfds
+  held = data.build("cifar10", "train", num_examples=40)
+  monkeypatch.setattr(data_files, "TFDS_IN_MEMORY_BYTES", 40 * 32 * 32 * 3 - 1)
+  per_batch = data.build("cifar10", "train", num_examples=40)
+  assert isinstance(held, data_files.StoredSource)
+  assert not isinstance(per_batch, data_files.StoredSource)
+  indices = np.array([39, 0, 17])
+  for key in ("image", "label"):
+    np.testing.assert_array_equal(held.get(indices)[key], per_batch.get(indices)[key])
 
 
 def test_tfds_mocked_resize_and_cifar100_stl10(mocked_tfds):
