@@ -116,8 +116,10 @@ class _Correct:
 
 def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, attack: AttackFn,
                     *, eps: float | list[float], batch_size: int, mesh=None,
-                    max_examples: int = 0, seed: int = 0, desc: str = "") -> list[float]:
-  """Accuracy of `apply_fn` on `source` under `attack`, for each eps (one pass over the data).
+                    max_examples: int = 0, seed: int = 0,
+                    desc: Optional[str] = "") -> list[float]:
+  """Accuracy of `apply_fn` on `source` under `attack`, for each eps (one pass over the data),
+  with a progress bar labelled `desc` (None: none).
 
   `apply_fn` and `attack` should be hashable (`Logits`, `Attack`): the jit is cached on them.
   Batch `i` attacks with the key `fold_in(key(seed), i)`.
@@ -131,31 +133,33 @@ def robust_accuracy(apply_fn: ApplyFn, variables: Any, source: data.Source, atta
   results = evaluator.map_split(
       _Correct(apply_fn, attack), variables, source, batch_size=batch_size,
       max_examples=max_examples, seed=seed, mesh=mesh,
-      sweep=[(jnp.float32(e),) for e in eps_list], desc=desc or "eval")
+      sweep=[(jnp.float32(e),) for e in eps_list], desc=None if desc is None else desc or "eval")
   return [int(r["correct"].sum()) / max(len(r["correct"]), 1) for r in results]
 
 
 def evaluate_model(apply_fn: ApplyFn, variables: Any, source: data.Source,
                    settings: EvalSettings, *, names=tuple(ATTACK_LABELS), mesh=None,
-                   desc: str = "") -> tuple[dict[str, float], dict[str, float]]:
-  """Accuracy under each named attack at `settings.eps`: `(accuracies, seconds per attack)`."""
+                   desc: Optional[str] = "") -> tuple[dict[str, float], dict[str, float]]:
+  """Accuracy under each named attack at `settings.eps`: `(accuracies, seconds per attack)`;
+  a progress bar per attack labelled `desc` (None: no bars)."""
   results, seconds = {}, {}
   for name in names:
     tic = time.perf_counter()
     results[name] = robust_accuracy(
         apply_fn, variables, source, attack_fn(name, settings), eps=settings.eps,
         batch_size=settings.batch_size, mesh=mesh, max_examples=settings.max_examples,
-        desc=f"{desc} {ATTACK_LABELS[name]}".strip())[0]
+        desc=None if desc is None else f"{desc} {ATTACK_LABELS[name]}".strip())[0]
     seconds[name] = time.perf_counter() - tic
   return results, seconds
 
 
 def eps_curve(apply_fn: ApplyFn, variables: Any, source: data.Source, settings: EvalSettings,
-              eps_values, *, mesh=None, desc: str = "") -> list[float]:
-  """PGD accuracy at each eps (step size scaled with eps)."""
+              eps_values, *, mesh=None, desc: Optional[str] = "") -> list[float]:
+  """PGD accuracy at each eps (step size scaled with eps); `desc` None: no progress bar."""
   return robust_accuracy(apply_fn, variables, source, attack_fn("pgd20", settings),
                          eps=list(eps_values), batch_size=settings.batch_size, mesh=mesh,
-                         max_examples=settings.max_examples, desc=f"{desc} eps sweep".strip())
+                         max_examples=settings.max_examples,
+                         desc=None if desc is None else f"{desc} eps sweep".strip())
 
 
 def check_channels(workdir: str, source: data.Source) -> None:
@@ -230,7 +234,8 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   settings = EvalSettings.from_config(config.eval)
   workdir = pathlib.Path(workdir)
   name = workdir.name
-  accuracy, seconds = evaluate_model(logits_fn(module), variables, source, settings, desc=name)
+  desc = name if progress else None
+  accuracy, seconds = evaluate_model(logits_fn(module), variables, source, settings, desc=desc)
   rows = [{"attack": ATTACK_LABELS[k], "accuracy (%)": f"{100 * v:.2f}",
            "time (s)": f"{seconds[k]:.1f}"} for k, v in accuracy.items()]
   summary: dict[str, Any] = {"suite": config.eval.suite, "eps": settings.eps,
@@ -257,7 +262,7 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   out: dict[str, Any] = dict(accuracy)
   if curve:
     out["eps_curve"] = eps_curve(logits_fn(module), variables, source, settings,
-                                 config.eval.eps_curve, desc=name)
+                                 config.eval.eps_curve, desc=desc)
   return out
 
 

@@ -288,10 +288,11 @@ def test_params_argument_equals_a_closure(trained):
   np.testing.assert_allclose(argument.x_adv, closure.x_adv, atol=1e-6)
 
 
-def test_evaluate_run_adds_autoattack_to_the_report(tmp_path):
+def test_evaluate_run_adds_autoattack_to_the_report(tmp_path, capfd):
   """`evaluate_run` with suite 'standard' on a trained run: AutoAttack's row, one row per attack
   with its time, eval.json with accuracies and seconds; the ensemble is at most the clean
-  accuracy and equals `autoattack.evaluate` called on the same examples."""
+  accuracy and equals `autoattack.evaluate` called on the same examples. With progress=False no
+  bar is drawn."""
   from gacd_jax import checkpoints, evaluate, train  # pylint: disable=g-import-not-at-top
   from tests import helpers  # pylint: disable=g-import-not-at-top
   config = helpers.tiny_config("natural", epochs=2)
@@ -299,7 +300,9 @@ def test_evaluate_run_adds_autoattack_to_the_report(tmp_path):
   config.eval.autoattack_n_iter = 3
   config.eval.autoattack_n_queries = 10
   train.train(config, str(tmp_path), progress=False)
+  capfd.readouterr()
   accuracy = evaluate.evaluate_run(config, str(tmp_path), progress=False)
+  assert "it/s" not in capfd.readouterr().err  # no tqdm bar
 
   saved = json.loads((tmp_path / "eval.json").read_text())
   assert saved["accuracy"] == accuracy and saved["suite"] == "standard"
