@@ -134,7 +134,8 @@ def _run_evaluate():
   from gacd_jax import evaluate  # pylint: disable=g-import-not-at-top
   config = _required_config()
   evaluate.evaluate_run(config, flags.FLAGS.workdir, progress=flags.FLAGS.progress)
-  print((__import__("pathlib").Path(flags.FLAGS.workdir) / "report.md").read_text())
+  print((__import__("pathlib").Path(flags.FLAGS.workdir)
+         / evaluate.report_file(config.eval.split)).read_text())
 
 
 def _run_info():

@@ -254,8 +254,7 @@ def evaluate_run(config: ConfigDict, workdir: str, *, curve: bool = False,
   summary["split"] = config.eval.split
   checkpoints.write_json(workdir / results_file(config.eval.split),
                          {"accuracy": accuracy, "seconds": seconds, **summary})
-  report_name = "report.md" if config.eval.split == "test" else f"report-{config.eval.split}.md"
-  (workdir / report_name).write_text(
+  (workdir / report_file(config.eval.split)).write_text(
       f"# Evaluation of {workdir}\n\n{config.data.name} {config.eval.split} split "
       f"({summary['examples']} examples), eps = {settings.eps:.4f} (Linf), {config.model.name}, "
       f"model in eval mode\n\n" + report.markdown_table(rows) + "\n")
@@ -273,6 +272,11 @@ def _n_examples(source: data.Source, max_examples: int) -> int:
 def results_file(split: str) -> str:
   """The file `evaluate_run` writes its results of `split` to, inside the workdir."""
   return "eval.json" if split == "test" else f"eval-{split}.json"
+
+
+def report_file(split: str) -> str:
+  """The file `evaluate_run` writes its markdown table of `split` to, inside the workdir."""
+  return "report.md" if split == "test" else f"report-{split}.md"
 
 
 def read_results(workdir: str, split: str = "test") -> Optional[dict]:

@@ -100,13 +100,17 @@ def test_train_resume_and_evaluate(tmp_path, teacher_dir):
   # a second call finds the finished run and resumes it (nothing left to do)
   again = helpers.run_cli(*args)
   assert again.returncode == 0, again.stderr
-  proc = helpers.run_cli("evaluate", f"--config={DIGITS}:ard", f"--workdir={run}", *TINY[:-1])
+  # On the validation split: its own files, and the table printed is that split's.
+  proc = helpers.run_cli("evaluate", f"--config={DIGITS}:ard", f"--workdir={run}", *TINY[:-1],
+                         "--config.eval.split=validation")
   assert proc.returncode == 0, proc.stderr
-  results = json.loads((run / "eval.json").read_text())
+  results = json.loads((run / "eval-validation.json").read_text())
   assert set(results["accuracy"]) == set(results["seconds"]) == {"clean", "fgsm", "pgd20", "cw"}
   assert all(0.0 <= v <= 1.0 for v in results["accuracy"].values())
   assert results["examples"] == 32 and results["suite"] == "basic"
-  assert "| PGD-20" in (run / "report.md").read_text() and "PGD-20" in proc.stdout
+  assert results["split"] == "validation" and not (run / "eval.json").exists()
+  assert "| PGD-20" in (run / "report-validation.md").read_text()
+  assert "PGD-20" in proc.stdout and "digits validation split" in proc.stdout
 
 
 def test_demo_smoke_run(tmp_path):
