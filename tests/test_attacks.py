@@ -116,3 +116,11 @@ def test_one_norm_spelling_and_the_autoattack_one_accepted(linear_model):
                                   autoattack.distance(x + 0.05, x, theirs))
   with pytest.raises(errors.ConfigError, match="unknown norm 'l1'"):
     attacks.norm_name("l1")
+
+
+@pytest.mark.parametrize("draw", [jax.random.uniform, jax.random.normal])
+def test_the_flat_random_start_draws_what_a_shaped_draw_does(draw):
+  """The random starts are drawn flat (they compile faster): the numbers must not change."""
+  rng, shape = jax.random.key(5), (3, 4, 4, 2)
+  flat = attacks._flat_draw(draw, rng, shape, jnp.float32)  # pylint: disable=protected-access
+  np.testing.assert_array_equal(flat, draw(rng, shape, jnp.float32))
