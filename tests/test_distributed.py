@@ -1,5 +1,7 @@
-"""Multi-host training on loopback: two processes (one CPU device each, joined by
-`jax.distributed` over 127.0.0.1) train the run a single process with two devices trains."""
+"""Multi-host on loopback: two processes (one CPU device each, joined by `jax.distributed` over
+127.0.0.1) train the run a single process with two devices trains, and then evaluate as one
+device and eight fake devices do. One pair of processes does both, so the suite starts and joins
+one pair, not two."""
 
 import os
 import socket
@@ -8,6 +10,7 @@ import sys
 
 import jax
 import numpy as np
+from flax import serialization
 
 from gacd_jax import checkpoints
 from tests import helpers
@@ -15,6 +18,41 @@ from tests import helpers
 ARGS = ["train", "--config=configs/digits.py:pgd_at", "--config.data.num_examples=128",
         "--config.train.batch_size=32", "--config.train.epochs=1",
         "--config.model.small_cnn.width=4", "--config.attack.steps=2", "--noprogress"]
+
+# Accuracies (clean, PGD; an eps sweep) and features of the single process's trained small_cnn
+# (its variables, written by the test, are read, not initialised: compiling the random draws of
+# the conv kernels took seconds per kernel shape on the CPU) on the first 100 digits (the
+# features: all of them); process 0 writes them.
+REPORTS = """
+import pathlib
+import jax, numpy as np
+from flax import serialization
+from gacd_jax import evaluate, models, probe
+from tests import helpers
+config = helpers.tiny_config()
+config.eval.max_examples = 100
+source = evaluate.test_source(config)
+settings = evaluate.EvalSettings.from_config(config.eval)
+module = models.build("small_cnn", 10, width=4)
+variables = serialization.msgpack_restore(pathlib.Path({variables!r}).read_bytes())
+accuracy, _ = evaluate.evaluate_model(evaluate.logits_fn(module), variables, source, settings,
+                                      names=("clean", "pgd20"))
+curve = evaluate.eps_curve(evaluate.logits_fn(module), variables, source, settings, [0.05, 0.1])
+probe_features, labels = probe.features_and_labels(module, variables, source, 64)
+if jax.process_index() == 0:
+  np.savez({out!r}, accuracy=[accuracy["clean"], accuracy["pgd20"], *curve], labels=labels,
+           features=probe_features)
+"""
+
+# Each process of the pair: `gacd-jax train --distributed` (argv[1:]), then the reports on the
+# two processes.
+TRAIN_THEN_REPORTS = """
+import sys
+import jax
+from gacd_jax import cli
+cli.main(["gacd-jax", *sys.argv[1:]])
+assert jax.process_count() == 2 and len(jax.devices()) == 2
+""" + REPORTS
 
 
 def _free_port() -> int:
@@ -29,26 +67,52 @@ def _env(devices: int) -> dict:
               XLA_FLAGS=helpers.device_flags(devices))
 
 
-def test_two_processes_on_loopback_train_like_one_process_with_two_devices(tmp_path):
-  cli = [sys.executable, "-m", "gacd_jax.cli"]
-  single = subprocess.run(cli + ARGS + [f"--workdir={tmp_path / 'single'}"], env=_env(2),
+def _assert_same_reports(a, b):
+  np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
+  np.testing.assert_array_equal(a["labels"], b["labels"])
+  np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
+
+
+def test_two_processes_on_loopback_train_and_evaluate_like_one_process(tmp_path):
+  single = subprocess.run([sys.executable, "-m", "gacd_jax.cli", *ARGS,
+                           f"--workdir={tmp_path / 'single'}"], env=_env(2),
                           capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
   assert single.returncode == 0, single.stderr
+  _, trained = checkpoints.restore(tmp_path / "single")
+  variables = tmp_path / "variables.msgpack"
+  variables.write_bytes(serialization.msgpack_serialize(
+      {"params": trained["params"]["student"], "batch_stats": trained["batch_stats"]}))
+  reports = {}
+  for devices in (1, 8):
+    reports[devices] = tmp_path / f"{devices}.npz"
+    helpers.run_python(f"import jax\nassert len(jax.devices()) == {devices}\n" + REPORTS.format(
+        variables=str(variables), out=str(reports[devices])), devices=devices)
+  one, eight = np.load(reports[1]), np.load(reports[8])
+  assert one["features"].shape == (len(one["labels"]), 16)
+  _assert_same_reports(one, eight)
 
+  # The pair; each process reads its half of every batch. Without the persistent cache, so that
+  # neither runs ahead (loading what the other compiles) and leaves the other more than gloo's
+  # 30 s to join a collective.
+  script = tmp_path / "pair.py"
+  script.write_text(TRAIN_THEN_REPORTS.format(variables=str(variables),
+                                               out=str(tmp_path / "two.npz")))
+  env = dict(_env(1), GACD_JAX_COMPILATION_CACHE="off", JAX_ENABLE_COMPILATION_CACHE="false")
   coordinator = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
-      cli + ARGS + [f"--workdir={tmp_path / 'multi'}", "--distributed",
-                    f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
-      env=_env(1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=helpers.REPO)
+      [sys.executable, str(script), *ARGS, f"--workdir={tmp_path / 'multi'}", "--distributed",
+       f"--coordinator={coordinator}", "--num_processes=2", f"--process_id={i}"],
+      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=helpers.REPO)
            for i in range(2)]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err
 
   assert checkpoints.latest_step(tmp_path / "multi") == 4
-  (_, a), (_, b) = checkpoints.restore(tmp_path / "single"), checkpoints.restore(tmp_path / "multi")
+  _, multi = checkpoints.restore(tmp_path / "multi")
   jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6),
-               (a["params"], a["batch_stats"]), (b["params"], b["batch_stats"]))
+               (trained["params"], trained["batch_stats"]), (multi["params"], multi["batch_stats"]))
   # only process 0 writes the logs: one line (logged at the last step), not one per process
   lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and '"step": 4' in lines[0]
+  _assert_same_reports(one, np.load(tmp_path / "two.npz"))

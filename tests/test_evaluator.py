@@ -1,11 +1,7 @@
 """The evaluation loop: compiled once per model, attack and batch shape (a second evaluation does
-not trace again), every example once in the split's order, and the same numbers on one device,
-eight fake devices and two processes."""
-
-import os
-import socket
-import subprocess
-import sys
+not trace again) and every example once in the split's order. That one device, eight fake devices
+and two processes give the same numbers is tested in test_distributed (one pair of processes
+trains and evaluates)."""
 
 import flax.linen as nn
 import jax
@@ -112,74 +108,3 @@ def test_equal_models_and_attacks_are_equal_cache_keys():
       "pgd20", evaluate.EvalSettings(pgd_steps=7))
   with pytest.raises(ValueError, match="unknown attack"):
     evaluate.attack_fn("pgd", settings)
-
-
-# Accuracies (clean, PGD; an eps sweep) and features of a small_cnn with random weights on the
-# first 100 digits (the features: all of them); process 0 writes them.
-REPORTS = """
-import sys
-import jax, numpy as np
-{setup}
-from gacd_jax import evaluate, models, probe
-from tests import helpers
-config = helpers.tiny_config()
-config.eval.max_examples = 100
-source = evaluate.test_source(config)
-settings = evaluate.EvalSettings.from_config(config.eval)
-module = models.build("small_cnn", 10, width=4)
-variables = module.init(jax.random.key(0), np.zeros((1, 8, 8, 1), np.float32), train=False)
-accuracy, _ = evaluate.evaluate_model(evaluate.logits_fn(module), variables, source, settings,
-                                      names=("clean", "pgd20"))
-curve = evaluate.eps_curve(evaluate.logits_fn(module), variables, source, settings, [0.05, 0.1])
-probe_features, labels = probe.features_and_labels(module, variables, source, 64)
-if jax.process_index() == 0:
-  np.savez({out!r}, accuracy=[accuracy["clean"], accuracy["pgd20"], *curve], labels=labels,
-           features=probe_features)
-"""
-
-DISTRIBUTED = """
-jax.config.update("jax_cpu_collectives_implementation", "gloo")
-jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-assert jax.process_count() == 2 and len(jax.devices()) == 2
-"""
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-def _assert_same_reports(a, b):
-  np.testing.assert_array_equal(a["accuracy"], b["accuracy"])
-  np.testing.assert_array_equal(a["labels"], b["labels"])
-  np.testing.assert_allclose(a["features"], b["features"], rtol=1e-5, atol=1e-6)
-
-
-@pytest.mark.slow
-def test_one_device_eight_fake_devices_and_two_processes_agree(tmp_path):
-  outputs = {}
-  for devices in (1, 8):
-    outputs[devices] = tmp_path / f"{devices}.npz"
-    helpers.run_python(REPORTS.format(setup=f"assert len(jax.devices()) == {devices}",
-                                      out=str(outputs[devices])), devices=devices)
-  one, eight = np.load(outputs[1]), np.load(outputs[8])
-  assert one["features"].shape == (len(one["labels"]), 16)
-  _assert_same_reports(one, eight)
-
-  # Two processes on loopback, one device each: each reads its half of every batch. Without the
-  # persistent cache, so that neither runs ahead (loading what the other compiles) and leaves the
-  # other more than gloo's 30 s to join the first collective.
-  out = tmp_path / "two.npz"
-  script = tmp_path / "reports.py"
-  script.write_text(REPORTS.format(setup=DISTRIBUTED, out=str(out)))
-  env = dict(os.environ, PYTHONPATH=helpers.REPO, XLA_FLAGS=helpers.device_flags(1),
-             JAX_ENABLE_COMPILATION_CACHE="false")
-  coordinator = f"127.0.0.1:{_free_port()}"
-  procs = [subprocess.Popen([sys.executable, str(script), coordinator, str(i)], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            cwd=helpers.REPO) for i in range(2)]
-  for p in procs:
-    _, err = p.communicate(timeout=600)
-    assert p.returncode == 0, err
-  _assert_same_reports(one, np.load(out))
