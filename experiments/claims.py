@@ -31,6 +31,7 @@ import dataclasses
 import hashlib
 import json
 import pathlib
+import shlex
 import sys
 from typing import Any, Callable, Optional
 
@@ -343,7 +344,7 @@ def _cell(values: list[float], percent: bool) -> str:
   if percent:
     return study.format_cell(values)
   mean, std = study.mean_std(values)
-  return f"{mean:.3f} ± {std:.3f}"
+  return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
 
 
 def _ordered(names, order: tuple[str, ...]) -> list[str]:
@@ -358,8 +359,14 @@ def table(per_seed: dict, labels: dict[str, str], order: tuple[str, ...], percen
   return report.markdown_table(rows) if rows else "(no finished runs yet)"
 
 
-def _command(argv: list[str]) -> str:
-  return "python -m experiments.claims " + " ".join(argv)
+def _commands(argv: list[str], results: dict) -> dict[str, str]:
+  """The command of this call, for each dataset it measured."""
+  return {dataset: "python -m experiments.claims " + shlex.join(argv) for dataset in results}
+
+
+def _command_line(everything: dict, dataset: str) -> str:
+  command = everything.get("commands", {}).get(dataset, "(not recorded)")
+  return f"Command (resumable; regenerates this section): `{command}`\n\n"
 
 
 def _skipped_note(skipped: list[str]) -> str:
@@ -372,14 +379,16 @@ def _skipped_note(skipped: list[str]) -> str:
 def write_structure(out: pathlib.Path, results: dict, skipped: list[str], argv: list[str],
                     study_root: pathlib.Path, seeds: list[int]) -> str:
   everything = merge(out / "claims_structure.json", results,
-                     {"command": _command(argv), "study_workdir": str(study_root),
-                      "measures": analysis.MEASURES, "skipped": skipped},
-                     {"study_gacd": study_gacd(study_root, list(results), seeds)})
+                     {"study_workdir": str(study_root), "measures": analysis.MEASURES,
+                      "skipped": skipped},
+                     {"study_gacd": study_gacd(study_root, list(results), seeds),
+                      "commands": _commands(argv, results)})
   order = STUDENTS + STRUCTURE_REFERENCES
   sections = []
   for dataset, per_seed in everything["results"].items():
     eps = recipes.SMALL_DATA[dataset].eps
-    sections.append(f"## {dataset}\n\nTest split, Linf eps {eps}; PGD-20 against the student, "
+    sections.append(f"## {dataset}\n\n{_command_line(everything, dataset)}"
+                    f"Test split, Linf eps {eps}; PGD-20 against the student, "
                     "its adversarial inputs fed to both models.\n\n"
                     + table(per_seed, analysis.MEASURES, order, percent=False) + "\n")
   groups = {f"{d} {n}": {label: r[n].get(k, []) for k, label in analysis.MEASURES.items()}
@@ -389,8 +398,8 @@ def write_structure(out: pathlib.Path, results: dict, skipped: list[str], argv: 
                      title="students against their teacher (mean ± std over seeds)")
   markdown = (
       "# Structure: how much of the teacher's feature geometry each student captured\n\n"
-      f"Command (resumable; regenerates this file, claims_structure.json and .png): "
-      f"`{_command(argv)}`\n\n"
+      "Each dataset's section names the command that regenerates it (and its part of "
+      "claims_structure.json and .png).\n\n"
       "Every student of the study (small_cnn width 8, same schedule and training attack) against "
       "the PGD-AT teacher (width 32) of its seed: linear CKA between their penultimate features, "
       "and the Pearson correlation of their pairwise cosine-similarity matrices (upper triangle), "
@@ -406,10 +415,10 @@ def write_structure(out: pathlib.Path, results: dict, skipped: list[str], argv: 
 def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list[str],
                 study_root: pathlib.Path, seeds: list[int], settings: probe.ProbeSettings) -> str:
   everything = merge(out / "claims_probe.json", results,
-                     {"command": _command(argv), "study_workdir": str(study_root),
-                      "probe_task": PROBE_TASK, "settings": dataclasses.asdict(settings),
-                      "skipped": skipped},
-                     {"study_gacd": study_gacd(study_root, list(results), seeds)})
+                     {"study_workdir": str(study_root), "probe_task": PROBE_TASK,
+                      "settings": dataclasses.asdict(settings), "skipped": skipped},
+                     {"study_gacd": study_gacd(study_root, list(results), seeds),
+                      "commands": _commands(argv, results)})
   labels = {"clean": "probe clean", "pgd20": "probe PGD-20", "pgd20_half_eps": "at eps/2",
             "train_accuracy": "probe train"}
   order = STUDENTS + PROBE_REFERENCES
@@ -420,13 +429,15 @@ def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list
     source = data.build(task, "test", image_size=size)
     sections.append(
         f"## {dataset} students, probed on {task} at {size}x{size}\n\n"
+        + _command_line(everything, dataset) +
         f"Probe trained on the {task} train split, tested on its {source.num_examples} test "
         f"images; PGD-20 at Linf eps {recipes.SMALL_DATA[dataset].eps} (the students' own) and at "
         "half of it.\n\n"
         + table(per_seed, labels, order, percent=True) + "\n")
   markdown = (
       "# Robust features: a linear probe on frozen student features, on a task it never saw\n\n"
-      f"Command (resumable; regenerates this file and claims_probe.json): `{_command(argv)}`\n\n"
+      "Each dataset's section names the command that regenerates it (and its part of "
+      "claims_probe.json).\n\n"
       "Each run of the study is frozen (eval mode); a softmax regression on its penultimate "
       f"features is trained ({settings.steps} Adam steps, lr {settings.learning_rate:g}, weight "
       f"decay {settings.weight_decay:g}, standardised features) on the other dataset, resized to "
@@ -444,10 +455,10 @@ def write_probe(out: pathlib.Path, results: dict, skipped: list[str], argv: list
 
 def write_crosstask(out: pathlib.Path, results: dict, switches: dict, argv: list[str]) -> str:
   everything = merge(out / "claims_crosstask.json", results,
-                     {"command": _command(argv), "teacher_classes": list(TEACHER_CLASSES),
+                     {"teacher_classes": list(TEACHER_CLASSES),
                       "student_classes": list(STUDENT_CLASSES),
                       "autoattack_version": CROSSTASK_SUITE},
-                     {"gacd_switches": switches})
+                     {"gacd_switches": switches, "commands": _commands(argv, results)})
   order = ("teacher",) + CROSSTASK_METHODS
   sections = []
   for dataset, per_seed in everything["results"].items():
@@ -459,7 +470,8 @@ def write_crosstask(out: pathlib.Path, results: dict, switches: dict, argv: list
                                                      "reweighting", "contrastive_weight",
                                                      "kl_weight") if k in gacd)
     sections.append(
-        f"## {dataset}\n\nStudents (small_cnn width {d.student_width}) on the {dataset} images of "
+        f"## {dataset}\n\n{_command_line(everything, dataset)}"
+        f"Students (small_cnn width {d.student_width}) on the {dataset} images of "
         f"digits {STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]}, evaluated on those of the test split; "
         f"Linf eps {d.eps}, {d.epochs} epochs. GACD: {gacd_note}.\n\n"
         + table(students, ACCURACY_LABELS, order, percent=True)
@@ -476,8 +488,8 @@ def write_crosstask(out: pathlib.Path, results: dict, switches: dict, argv: list
                            f"{TEACHER_CLASSES[0]}-{TEACHER_CLASSES[-1]} (mean ± std over seeds)")
   markdown = (
       "# Cross-task transfer: a teacher of other classes distils a robust student\n\n"
-      f"Command (resumable; regenerates this file, claims_crosstask.json and .png): "
-      f"`{_command(argv)}`\n\n"
+      "Each dataset's section names the command that regenerates it (and its part of "
+      "claims_crosstask.json and .png).\n\n"
       f"A PGD-AT teacher trained on digits {TEACHER_CLASSES[0]}-{TEACHER_CLASSES[-1]} of a "
       f"dataset; students on digits {STUDENT_CLASSES[0]}-{STUDENT_CLASSES[-1]} of the same "
       "dataset (`config.data.classes`, relabelled 0-4). GACD pulls the student's features on "

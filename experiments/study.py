@@ -12,7 +12,9 @@ again.
   python experiments/study.py ablation --workdir runs/study --datasets digits
 
 Results are merged into `--out` (default experiments/results): a second call for another dataset
-adds to `study.json` / `gacd_ablation.json` and rewrites the tables and plots from them.
+adds to `study.json` / `gacd_ablation.json` and rewrites the tables and plots from them; each
+dataset's section names the command that made its rows (kept in `study.commands.json` /
+`gacd_ablation.commands.json`; `--tables-only` changes none).
 Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an early stop leaves
 complete comparisons; the tables are rewritten after every run. The teachers are trained first and
 evaluated last (their AutoAttack is the slowest). `--shard K/N` runs every N-th run from the K-th
@@ -23,6 +25,7 @@ import argparse
 import functools
 import json
 import pathlib
+import shlex
 import sys
 import time
 from typing import Any, NamedTuple, Optional
@@ -31,11 +34,13 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from gacd_jax import checkpoints
+from gacd_jax import config as config_lib
 from gacd_jax import data
 from gacd_jax import evaluate
 from gacd_jax import methods
 from gacd_jax import recipes
 from gacd_jax import report
+from gacd_jax import rundir
 from gacd_jax import runtime
 from gacd_jax import train
 from gacd_jax.methods import gacd as gacd_lib
@@ -145,9 +150,14 @@ def _cached_split_size(data_json: str, split: str, seed: int) -> int:
 
 
 def _stored_result(run: Run) -> Optional[dict]:
-  """The evaluation already in the run's workdir, if it was made with the run's eval settings."""
+  """The evaluation already in the run's workdir, if the run was trained with the run's config (as
+  far as a resumed run must keep it, `rundir.config_differences`) and evaluated with its eval
+  settings; else None, and `train_and_evaluate` trains it again."""
   path = run.workdir / evaluate.results_file(run.config.eval.split)
   if not path.exists() or not _complete(run):
+    return None
+  trained_with = checkpoints.read_json(run.workdir / checkpoints.CONFIG_FILE)
+  if rundir.config_differences(trained_with, json.loads(config_lib.to_json(run.config))):
     return None
   stored = json.loads(path.read_text())
   size = _split_size(run.config)
@@ -196,11 +206,11 @@ def mean_std(values: list[float]) -> tuple[float, float]:
 
 
 def format_cell(values: list[float]) -> str:
-  """'mean ± std' of accuracies in [0, 1], as percent; '-' for none."""
+  """'mean ± std' of accuracies in [0, 1], as percent; the value alone for one; '-' for none."""
   if not values:
     return "-"
   mean, std = mean_std([100 * v for v in values])
-  return f"{mean:.1f} ± {std:.1f}"
+  return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
 
 
 def in_order(results: dict[str, Any]) -> dict[str, Any]:
@@ -370,7 +380,7 @@ def main(argv=None) -> None:
         if run.workdir not in stored and (result := _stored_result(run)) is not None:
           stored[run.workdir] = result
       write_results(args.kind, pathlib.Path(args.out), datasets, teachers, students, stored,
-                    split, suite, command, echo=final)
+                    split, suite, command, echo=final, ran=not args.tables_only)
 
   if args.tables_only:
     report(final=True)
@@ -406,41 +416,59 @@ def main(argv=None) -> None:
   report(final=True)
 
 
+def record_commands(path: pathlib.Path, datasets: list[str], entry: dict, ran: bool) -> dict:
+  """`{dataset: entry}` in the json at `path` (beside the results json, whose schema is
+  `{dataset: results}`), set for `datasets`: the command and settings that made each dataset's
+  rows. A call that only rewrote the tables (`ran` False) keeps a dataset's recorded entry."""
+  commands = json.loads(path.read_text()) if path.exists() else {}
+  for dataset in datasets:
+    if ran or dataset not in commands:
+      commands[dataset] = entry
+  checkpoints.write_json(path, commands)
+  return commands
+
+
 def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: list[Run],
                   students: list[Run], stored: dict[pathlib.Path, dict], split: str, suite: str,
-                  argv: list[str], echo: bool = True) -> None:
-  """Merge the runs evaluated so far into `out`'s json and rewrite its markdown and plots."""
+                  argv: list[str], echo: bool = True, ran: bool = True) -> None:
+  """Merge the runs evaluated so far into `out`'s json and rewrite its markdown and plots. Each
+  dataset's section names the command that made its rows (the last one that ran for it)."""
   out.mkdir(parents=True, exist_ok=True)
   stem = "study" if kind == "grid" else "gacd_ablation"
   for dataset in datasets:
     runs = [r for r in teachers + students if r.dataset == dataset]
     merge_json(out / f"{stem}.json", dataset, collect(runs, stored))
   everything = json.loads((out / f"{stem}.json").read_text())
-  command = "python experiments/study.py " + " ".join(argv)
+  commands = record_commands(out / f"{stem}.commands.json", datasets, {
+      "command": "python experiments/study.py " + shlex.join(argv), "split": split,
+      "suite": suite}, ran)
   sections = []
   for dataset, results in everything.items():
     d = recipes.SMALL_DATA[dataset]
-    source = data.build(dataset, split)
+    made = commands.get(dataset, {"command": "(not recorded)", "split": split, "suite": suite})
+    source = data.build(dataset, made["split"])
     sections.append(
-        f"## {dataset}\n\n{source.num_examples} {split} images, Linf eps {d.eps}; students "
-        f"small_cnn width {d.student_width}, teacher width {d.teacher_width}; {d.epochs} epochs. "
-        f"Accuracy (%), mean ± std over seeds (sample std).\n\n{results_table(results)}\n")
+        f"## {dataset}\n\nCommand (resumable; regenerates these rows): `{made['command']}`\n\n"
+        f"{source.num_examples} {made['split']} images, Linf eps {d.eps}; AutoAttack version "
+        f"`{made['suite']}`; students small_cnn width {d.student_width}, teacher width "
+        f"{d.teacher_width}; {d.epochs} epochs. Accuracy (%), mean ± std over seeds (sample std; "
+        f"a single value is one seed).\n\n{results_table(results)}\n")
     sections.append((selection_note(results) if kind == "ablation" else target_check(results))
                     + "\n")
     report.plot_bars({name: {m: [100 * v for v in r.get(m, [])] for m in METRICS}
                       for name, r in in_order(results).items()},
                      out / f"{stem}_{dataset}.png",
                      title=f"{dataset}: {'every method' if kind == 'grid' else 'GACD ablation'} "
-                           f"({split} split, mean ± std over seeds)",
+                           f"({made['split']} split, mean ± std over seeds)",
                      ylabel="accuracy (%)")
   title = ("# Every method, same student and budget, several seeds" if kind == "grid" else
            "# GACD's switches, chosen on the validation split")
   (out / f"{stem}.md").write_text(
-      f"{title}\n\nCommand (resumable; regenerates this file, {stem}.json and the PNGs): "
-      f"`{command}`\n\nAutoAttack version `{suite}` on the {split} split; PGD-20 with a random "
-      "start, step eps/8. Every student is a small_cnn of the same width, trained with the same "
-      "schedule and training attack (10 steps of eps/4); distillation methods learn from the "
-      "PGD-AT teacher of the same seed (row 'teacher').\n\n" + "\n".join(sections))
+      f"{title}\n\nEach dataset's section names the command that regenerates its rows (and "
+      f"{stem}.json, {stem}.commands.json and the PNGs). PGD-20 with a random start, step eps/8. "
+      "Every student is a small_cnn of the same width, trained with the same schedule and "
+      "training attack (10 steps of eps/4); distillation methods learn from the PGD-AT teacher "
+      "of the same seed (row 'teacher').\n\n" + "\n".join(sections))
   if echo:
     print((out / f"{stem}.md").read_text())
 

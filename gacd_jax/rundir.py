@@ -42,11 +42,20 @@ def config_differences(old: dict, new: dict) -> list[str]:
 
   A key the old run's config lacks (a switch added to gacd_jax since) is no difference when the
   new config holds its default: a new switch's default is the behaviour the run was made with.
+  Neither is a key of another method's settings (`method.ard.*` in a GACD run): a method reads
+  only `method.<its name>` and the keys directly under `method`, so a changed ARD default does
+  not make a finished GACD run another run.
   """
   old_flat, new_flat = _flatten(old), _flatten(new)
   defaults = _flatten(json.loads(config_lib.to_json(config_lib.default())))
+  method = new_flat.get("method.name")
+
+  def unused(key: str) -> bool:
+    parts = key.split(".")
+    return len(parts) > 2 and parts[0] == "method" and parts[1] != method
+
   keys = sorted(old_flat.keys() | new_flat.keys())
-  return [k for k in keys if old_flat.get(k) != new_flat.get(k)
+  return [k for k in keys if old_flat.get(k) != new_flat.get(k) and not unused(k)
           and not (k not in old_flat and k in defaults and new_flat.get(k) == defaults[k])
           and not any(k == r or k.startswith(r + ".") for r in RESUMABLE_CHANGES)]
 

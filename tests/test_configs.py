@@ -189,8 +189,9 @@ def test_a_bad_argument_is_one_clear_error(arg, match):
     load(f"cifar10.py:{arg}")
 
 
-@pytest.mark.parametrize("dataset,eps,iad_warmup", [("digits", 0.15, 9), ("mnist5k", 0.3, 6)])
-def test_small_data_teachers_and_students(dataset, eps, iad_warmup):
+@pytest.mark.parametrize("dataset,eps,iad_warmup,ard_temperature",
+                         [("digits", 0.15, 9, 30.0), ("mnist5k", 0.3, 6, 5.0)])
+def test_small_data_teachers_and_students(dataset, eps, iad_warmup, ard_temperature):
   widths = {m: load(f"{dataset}.py:{m}").model.small_cnn.width for m in methods.names()}
   assert {m for m, w in widths.items() if w == 32} == {"pgd_at", "trades"}
   assert {m for m, w in widths.items() if w == 8} == set(methods.names()) - {"pgd_at", "trades"}
@@ -200,6 +201,7 @@ def test_small_data_teachers_and_students(dataset, eps, iad_warmup):
   assert load(f"{dataset}.py:iad").method.iad.warmup_epochs == iad_warmup
   ard = load(f"{dataset}.py:ard")
   assert ard.attack.eps == ard.eval.eps == eps and ard.teacher.model == "small_cnn"
+  assert ard.method.ard.temperature == ard_temperature  # mnist5k's chosen on validation
   with pytest.raises(errors.ConfigError, match="unknown method"):
     load(f"{dataset}.py:gacdd")
 

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from experiments import study
+from gacd_jax import checkpoints
 from gacd_jax import config as config_lib
 from gacd_jax import recipes
 from gacd_jax.methods import gacd as gacd_lib
@@ -54,6 +55,23 @@ def test_the_ablation_changes_only_gacd_switches_from_a_fixed_base(tmp_path, mon
   assert again[0].config.method.gacd.attack_objective == "contrastive"
 
 
+def test_a_finished_run_is_reused_only_with_the_config_it_was_trained_with(tmp_path,
+                                                                          monkeypatch):
+  _, (run,) = study.plan("grid", tmp_path, ["digits"], [0], ["ard"], "test", "fast")
+  monkeypatch.setattr(study, "_complete", lambda run: True)  # every step trained
+  run.workdir.mkdir(parents=True)
+  checkpoints.write_json(run.workdir / checkpoints.CONFIG_FILE,
+                         json.loads(config_lib.to_json(run.config)))
+  examples = study._split_size(run.config)
+  checkpoints.write_json(run.workdir / "eval.json", {"suite": "fast", "examples": examples})
+  assert study._stored_result(run) == {"suite": "fast", "examples": examples}
+  run.config.eval.suite = "standard"  # evaluated with another suite
+  assert study._stored_result(run) is None
+  run.config.eval.suite = "fast"
+  run.config.method.ard.temperature = 5.0  # a default changed since: train it again
+  assert study._stored_result(run) is None
+
+
 def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   stored, runs = {}, []
   values = {"ard": [0.5, 0.6, 0.7], "gacd": [0.4, 0.45, 0.5]}
@@ -74,6 +92,7 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   study.merge_json(path, "mnist5k", {"ard": {"clean": [0.1]}})
   assert set(json.loads(path.read_text())) == {"digits", "mnist5k"}
   assert study.format_cell([]) == "-"
+  assert study.format_cell([0.5]) == "50.0"  # one seed: no std to show
 
 
 def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_term():
@@ -115,7 +134,7 @@ def test_teachers_train_first_and_evaluate_last_and_tables_follow_every_run(tmp_
     calls.append(("evaluate", run.name))
     return {"accuracy": {"clean": 0.9, "pgd20": 0.5, "autoattack": 0.4}}
   monkeypatch.setattr(study, "train_and_evaluate", evaluated)
-  monkeypatch.setattr(study, "write_results", lambda *args, echo: calls.append(
+  monkeypatch.setattr(study, "write_results", lambda *args, echo, ran: calls.append(
       ("write", len(args[5]), echo)))
   study.main(["grid", "--workdir", str(tmp_path), "--datasets", "digits", "--seeds", "0,1",
               "--names", "ard,gacd", "--no-progress"])
@@ -134,12 +153,34 @@ def test_tables_only_reports_every_finished_run_and_a_command_without_the_shard(
   monkeypatch.setattr(study, "_stored_result", lambda run: finished.get(run.name))
   monkeypatch.setattr(study.train, "train", lambda *_, **__: calls.append("train"))
   monkeypatch.setattr(study, "train_and_evaluate", lambda *_, **__: calls.append("evaluate"))
-  monkeypatch.setattr(study, "write_results", lambda *args, echo: calls.append(
-      ("write", sorted(p.name for p in args[5]), args[8], echo)))
+  monkeypatch.setattr(study, "write_results", lambda *args, echo, ran: calls.append(
+      ("write", sorted(p.name for p in args[5]), args[8], echo, ran)))
   study.main(["grid", "--workdir", str(tmp_path), "--datasets", "digits", "--seeds", "0,1",
               "--names", "ard,gacd", "--shard", "0/2", "--tables-only", "--no-progress"])
   # Both seeds' ARD (run by any shard) are in the tables; nothing is trained or evaluated.
   assert calls == [("write", ["ard", "ard"], ["grid", "--workdir", str(tmp_path), "--datasets",
                                              "digits", "--seeds", "0,1", "--names", "ard,gacd",
-                                             "--no-progress"], True)]
+                                             "--no-progress"], True, False)]
   assert study.rerun_command(["grid", "--shard=1/2", "--seeds", "0"]) == ["grid", "--seeds", "0"]
+
+
+def test_each_dataset_section_names_the_command_that_made_its_rows(tmp_path):
+  def write(dataset, argv, ran=True):
+    run = study.Run(dataset, 0, "ard", None, tmp_path / dataset / "ard")
+    stored = {run.workdir: {"accuracy": {"clean": 0.9, "pgd20": 0.5, "autoattack": 0.4}}}
+    study.write_results("grid", tmp_path / "out", [dataset], [], [run], stored, "test",
+                        "standard", argv, echo=False, ran=ran)
+    return (tmp_path / "out" / "study.md").read_text()
+
+  write("digits", ["grid", "--datasets", "digits", "--names", "a;b c"])
+  write("mnist5k", ["grid", "--datasets", "mnist5k"])
+  markdown = write("digits", ["grid", "--datasets", "digits,mnist5k", "--names", "x"], ran=False)
+  digits, mnist5k = markdown.split("## digits")[1].split("## mnist5k")
+  # Quoted as a shell needs it; a call that only rewrote the tables changes no command.
+  assert "`python experiments/study.py grid --datasets digits --names 'a;b c'`" in digits
+  assert "`python experiments/study.py grid --datasets mnist5k`" in mnist5k
+  assert "--names x" not in markdown and "| 50.0 " in markdown
+  write("digits", ["grid", "--datasets", "digits", "--seeds", "0"])  # a run replaces it
+  assert json.loads((tmp_path / "out" / "study.commands.json").read_text())["digits"] == {
+      "command": "python experiments/study.py grid --datasets digits --seeds 0",
+      "split": "test", "suite": "standard"}

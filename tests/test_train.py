@@ -208,3 +208,19 @@ def test_a_switch_added_since_a_run_was_made_is_no_difference_at_its_default():
   del new["attack"]["eps_warmup_epochs"]  # a key the new config lacks is always a difference
   old["attack"]["eps_warmup_epochs"] = 0
   assert rundir.config_differences(old, new) == ["attack.eps_warmup_epochs"]
+
+
+def test_another_methods_settings_are_no_difference():
+  """A PGD-AT run does not read `method.ard.*`: a changed ARD default resumes it; its own
+  settings and the keys directly under `method` still count."""
+  old = json.loads(config_lib.to_json(helpers.tiny_config("trades")))
+  new = json.loads(json.dumps(old))
+  new["method"]["ard"]["temperature"] = 5.0
+  new["method"]["gacd"]["estimator"] = "infonce"
+  assert rundir.config_differences(old, new) == []
+  new["method"]["trades"]["beta"] = 1.0
+  new["method"]["kl_reduction"] = "mean"
+  assert rundir.config_differences(old, new) == ["method.kl_reduction", "method.trades.beta"]
+  new["method"]["name"] = "ard"  # another method: its name differs, and its settings count
+  assert rundir.config_differences(old, new) == ["method.ard.temperature", "method.kl_reduction",
+                                                 "method.name"]
