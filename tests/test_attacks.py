@@ -124,3 +124,13 @@ def test_the_flat_random_start_draws_what_a_shaped_draw_does(draw):
   rng, shape = jax.random.key(5), (3, 4, 4, 2)
   flat = attacks._flat_draw(draw, rng, shape, jnp.float32)  # pylint: disable=protected-access
   np.testing.assert_array_equal(flat, draw(rng, shape, jnp.float32))
+
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+def test_autoattacks_flat_random_start_draws_what_a_shaped_draw_does(norm):
+  from gacd_jax.autoattack import common  # pylint: disable=import-outside-toplevel
+  keys, x = jax.random.split(jax.random.key(2), 3), jnp.full((3, 4, 4, 2), 0.5)
+  draw = ((lambda k: jax.random.uniform(k, x.shape[1:], x.dtype, -1.0, 1.0)) if norm == "linf"
+          else (lambda k: jax.random.normal(k, x.shape[1:], x.dtype)))
+  shaped = jnp.clip(x + 0.1 * common.normalize(jax.vmap(draw)(keys), norm), 0.0, 1.0)
+  np.testing.assert_array_equal(common.random_start(keys, x, 0.1, norm), shaped)

@@ -156,9 +156,10 @@ def nth_largest(logits: jax.Array, rank) -> jax.Array:
 def random_start(keys: jax.Array, x: jax.Array, radius, norm: Norm) -> jax.Array:
   """A random point at distance `radius` from x before clipping to [0, 1]: uniform noise scaled
   to that Linf norm, or a Gaussian direction of that L2 norm (APGD and FAB's restarts)."""
-  shape = x.shape[1:]
+  shape = x.shape[1:]  # each example's noise drawn flat: the same numbers, compiled faster
   if norm == "linf":
-    noise = jax.vmap(lambda k: jax.random.uniform(k, shape, x.dtype, -1.0, 1.0))(keys)
+    noise = jax.vmap(lambda k: attacks._flat_draw(jax.random.uniform, k, shape, x.dtype, -1.0,
+                                                  1.0))(keys)
   else:
-    noise = jax.vmap(lambda k: jax.random.normal(k, shape, x.dtype))(keys)
+    noise = jax.vmap(lambda k: attacks._flat_draw(jax.random.normal, k, shape, x.dtype))(keys)
   return jnp.clip(x + radius * normalize(noise, norm), 0.0, 1.0)
