@@ -137,3 +137,10 @@ def test_crosstask_distils_from_a_teacher_of_other_classes(tmp_path, monkeypatch
   _check_summary(everything, ("clean", "pgd20", "autoattack"))
   assert (out / "claims_crosstask.png").stat().st_size
   assert "AutoAttack version 'fast'" in (out / "claims_crosstask.md").read_text()
+
+
+def test_every_probe_is_attacked_first_at_the_students_own_eps():
+  assert set(claims.PROBE_EPS_FRACTIONS) == set(claims.PROBE_TASK)
+  for fractions in claims.PROBE_EPS_FRACTIONS.values():
+    assert list(fractions.items())[0] == ("pgd20", 1.0)
+    assert all(0 < f <= 1 for f in fractions.values())
