@@ -65,8 +65,8 @@ def project(x_adv: jax.Array, x: jax.Array, eps: float, norm: Norm) -> jax.Array
   return jnp.clip(x + delta, 0.0, 1.0)
 
 
-def _flat_draw(draw: Callable[..., jax.Array], rng: jax.Array, shape: tuple[int, ...],
-               *args) -> jax.Array:
+def flat_draw(draw: Callable[..., jax.Array], rng: jax.Array, shape: tuple[int, ...],
+              *args) -> jax.Array:
   """`draw(rng, shape, *args)` (a `jax.random` sampler), drawn flat and reshaped: the same
   numbers, but on the CPU (jax 0.10) XLA compiles a draw of three or more dimensions seconds
   slower, in every program that holds an attack."""
@@ -80,15 +80,15 @@ def _start(rng: jax.Array | None, x: jax.Array, eps: float, norm: Norm, start: S
   if rng is None:
     raise ValueError(f"start={start!r} needs an rng key")
   if start == "gaussian":
-    noise = gaussian_std * _flat_draw(jax.random.normal, rng, x.shape, x.dtype)
+    noise = gaussian_std * flat_draw(jax.random.normal, rng, x.shape, x.dtype)
     return jnp.clip(x + noise, 0.0, 1.0)
   if norm == "linf":
-    noise = _flat_draw(jax.random.uniform, rng, x.shape, x.dtype, -eps, eps)
+    noise = flat_draw(jax.random.uniform, rng, x.shape, x.dtype, -eps, eps)
   else:  # a uniformly random direction at a uniformly random radius in the L2 ball
     direction_rng, radius_rng = jax.random.split(rng)
-    direction = _flat_draw(jax.random.normal, direction_rng, x.shape, x.dtype)
+    direction = flat_draw(jax.random.normal, direction_rng, x.shape, x.dtype)
     direction = direction / (_per_example_l2(direction) + 1e-12)
-    radius = _flat_draw(jax.random.uniform, radius_rng, (x.shape[0],) + (1,) * (x.ndim - 1),
+    radius = flat_draw(jax.random.uniform, radius_rng, (x.shape[0],) + (1,) * (x.ndim - 1),
                         x.dtype)
     noise = direction * radius * eps
   return project(x + noise, x, eps, norm)

@@ -122,7 +122,7 @@ def test_one_norm_spelling_and_the_autoattack_one_accepted(linear_model):
 def test_the_flat_random_start_draws_what_a_shaped_draw_does(draw):
   """The random starts are drawn flat (they compile faster): the numbers must not change."""
   rng, shape = jax.random.key(5), (3, 4, 4, 2)
-  flat = attacks._flat_draw(draw, rng, shape, jnp.float32)  # pylint: disable=protected-access
+  flat = attacks.flat_draw(draw, rng, shape, jnp.float32)
   np.testing.assert_array_equal(flat, draw(rng, shape, jnp.float32))
 
 

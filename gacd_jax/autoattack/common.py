@@ -158,8 +158,8 @@ def random_start(keys: jax.Array, x: jax.Array, radius, norm: Norm) -> jax.Array
   to that Linf norm, or a Gaussian direction of that L2 norm (APGD and FAB's restarts)."""
   shape = x.shape[1:]  # each example's noise drawn flat: the same numbers, compiled faster
   if norm == "linf":
-    noise = jax.vmap(lambda k: attacks._flat_draw(jax.random.uniform, k, shape, x.dtype, -1.0,
-                                                  1.0))(keys)
+    noise = jax.vmap(lambda k: attacks.flat_draw(jax.random.uniform, k, shape, x.dtype, -1.0,
+                                                 1.0))(keys)
   else:
-    noise = jax.vmap(lambda k: attacks._flat_draw(jax.random.normal, k, shape, x.dtype))(keys)
+    noise = jax.vmap(lambda k: attacks.flat_draw(jax.random.normal, k, shape, x.dtype))(keys)
   return jnp.clip(x + radius * normalize(noise, norm), 0.0, 1.0)
