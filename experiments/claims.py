@@ -344,15 +344,6 @@ def _measures(per_seed: dict) -> tuple[str, ...]:
   return tuple(dict.fromkeys(k for entry in per_seed.values() for k in entry if k != "seeds"))
 
 
-def _cell(values: list[float], percent: bool) -> str:
-  if not values:
-    return "-"
-  if percent:
-    return study.format_cell(values)
-  mean, std = study.mean_std(values)
-  return f"{mean:.3f} ± {std:.3f}" if len(values) > 1 else f"{mean:.3f}"
-
-
 def _ordered(names, order: tuple[str, ...]) -> list[str]:
   """`names` in `order`, those not in it last."""
   return sorted(names, key=lambda n: order.index(n) if n in order else len(order))
@@ -360,7 +351,8 @@ def _ordered(names, order: tuple[str, ...]) -> list[str]:
 
 def table(per_seed: dict, labels: dict[str, str], order: tuple[str, ...], percent: bool) -> str:
   names = _ordered(per_seed, order)
-  rows = [{"": n, **{label: _cell(per_seed[n].get(k, []), percent) for k, label in labels.items()},
+  rows = [{"": n, **{label: study.format_cell(per_seed[n].get(k, []), percent)
+                     for k, label in labels.items()},
            "seeds": ",".join(map(str, per_seed[n]["seeds"]))} for n in names]
   return report.markdown_table(rows) if rows else "(no finished runs yet)"
 

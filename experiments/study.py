@@ -205,12 +205,14 @@ def mean_std(values: list[float]) -> tuple[float, float]:
   return float(values.mean()), float(values.std(ddof=1)) if len(values) > 1 else 0.0
 
 
-def format_cell(values: list[float]) -> str:
-  """'mean ± std' of accuracies in [0, 1], as percent; the value alone for one; '-' for none."""
+def format_cell(values: list[float], percent: bool = True) -> str:
+  """'mean ± std' of `values`, the value alone for one, '-' for none: accuracies in [0, 1] as
+  percent to one decimal, or (`percent=False`) the values themselves to three."""
   if not values:
     return "-"
-  mean, std = mean_std([100 * v for v in values])
-  return f"{mean:.1f} ± {std:.1f}" if len(values) > 1 else f"{mean:.1f}"
+  mean, std = mean_std([100 * v for v in values] if percent else values)
+  digits = 1 if percent else 3
+  return f"{mean:.{digits}f} ± {std:.{digits}f}" if len(values) > 1 else f"{mean:.{digits}f}"
 
 
 def in_order(results: dict[str, Any]) -> dict[str, Any]:

@@ -93,6 +93,7 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   assert set(json.loads(path.read_text())) == {"digits", "mnist5k"}
   assert study.format_cell([]) == "-"
   assert study.format_cell([0.5]) == "50.0"  # one seed: no std to show
+  assert study.format_cell([0.5, 0.7], percent=False) == "0.600 ± 0.141"  # sample std
 
 
 def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_term():
