@@ -126,6 +126,28 @@ def test_apgd_and_square_stay_in_the_ball_and_the_image_range(mlp, norm):
     np.testing.assert_array_equal(np.asarray(f(x_adv)).argmax(1)[fooled] != y[fooled], True)
 
 
+def test_an_apgd_run_stops_once_its_batch_is_fooled_and_keeps_the_first_adversarial_point(mlp):
+  """At eps 0.2 every example is fooled within a few steps: the run stops there (the forward
+  passes are counted) instead of taking all 50. Each output is the example's first misclassified
+  iterate, so attacking each example alone, which stops as soon as that one is fooled, gives the
+  same points."""
+  f, x, y = mlp
+  n, eps = 16, 0.2
+  x, y, keys = jnp.asarray(x[:n]), jnp.asarray(y[:n]), _keys(n)
+  calls = []
+
+  def counted(xx, key):
+    jax.debug.callback(lambda: calls.append(1))
+    return f(xx)
+
+  attack = jax.jit(lambda xx, yy, kk: aa.apgd(counted, xx, yy, kk, jax.random.key(1), eps=eps,
+                                              loss="ce", n_iter=50))
+  together, fooled = attack(x, y, keys)
+  assert bool(fooled.all()) and 1 < len(calls) < 10  # the start, then a few steps of 50
+  alone = [attack(x[i:i + 1], y[i:i + 1], keys[i:i + 1])[0][0] for i in range(n)]
+  np.testing.assert_array_equal(together, np.stack(alone))
+
+
 @pytest.mark.parametrize("norm,targeted", [("Linf", True), ("L2", True), ("Linf", False)])
 def test_fab_outputs_are_images_and_count_only_within_eps(mlp, norm, targeted):
   f, x, y = mlp

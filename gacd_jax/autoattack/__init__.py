@@ -30,6 +30,10 @@ returns `(x_adv, fooled)`.
 Where this differs from the official code (pyautoattack 0.2.0):
   * APGD's first checkpoint counts loss increases from the starting point, as the paper states;
     the official code compares the first step's loss with 0 (an index wrap-around).
+  * An APGD run stops once every example of its batch is fooled and returns each example's first
+    misclassified iterate; the official code takes all `n_iter` steps on the whole batch and
+    returns the last one. The same examples are fooled; on a weak model most of the work is
+    saved.
   * Square draws its window and signs per example, not once per batch (the same distribution for
     each example, and no dependence on the batch).
   * The zero-gradient check runs once, on the first batch's clean points; the official one runs

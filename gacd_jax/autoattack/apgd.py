@@ -46,11 +46,16 @@ def _apgd_loss(name: str) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Arr
 
 
 def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], jax.Array],
-              keys: jax.Array, model_key: jax.Array, *, eps, norm: Norm, loss: str, n_iter: int,
-              eot_iter: int, rho: float, eot_unroll: bool) -> Program:
+              keys: jax.Array, model_key: jax.Array, active: jax.Array, *, eps, norm: Norm,
+              loss: str, n_iter: int, eot_iter: int, rho: float, eot_unroll: bool) -> Program:
   """One APGD run (Algorithm 1) from a random start, as a `Program` whose outputs are
-  `(x_run, fooled)`: the last misclassified iterate where `fooled`, else the highest-loss one.
-  `targets()` gives the classes the loss takes (the labels, or APGD-T's targets)."""
+  `(x_run, fooled)`: the first misclassified iterate where `fooled`, else the highest-loss one.
+  `targets()` gives the classes the loss takes (the labels, or APGD-T's targets).
+
+  The run stops once every `active` example is fooled (`Program.going`). The official code goes
+  on for all `n_iter` steps and returns an example's last misclassified iterate; which examples
+  are fooled is the same either way, and the first misclassified iterate does not depend on
+  when the others in its batch are fooled, so results stay independent of batching."""
   loss_fn = _apgd_loss(loss)
   ndim = x.ndim
 
@@ -109,7 +114,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
     value, logits, grad = loss_and_grad(x_new, s["targets"], jax.random.fold_in(model_key, i))
 
     wrong = argmax_differs(logits, y)
-    x_best_adv = jnp.where(expand(wrong, ndim), x_new, s["x_best_adv"])
+    x_best_adv = jnp.where(expand(wrong & ~s["fooled"], ndim), x_new, s["x_best_adv"])
     improved = value > s["value_best"]
     x_best = jnp.where(expand(improved, ndim), x_new, s["x_best"])
     grad_best = jnp.where(expand(improved, ndim), grad, s["grad_best"])
@@ -136,7 +141,8 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
   def finish(s):
     return jnp.where(expand(s["fooled"], ndim), s["x_best_adv"], s["x_best"]), s["fooled"]
 
-  return Program(init, apgd_loops(n_iter), body, finish)
+  return Program(init, apgd_loops(n_iter), body, finish,
+                 going=lambda s: jnp.any(active & ~s["fooled"]))
 
 
 def apgd_loops(n_iter: int = 100, **_) -> Loops:
@@ -145,18 +151,20 @@ def apgd_loops(n_iter: int = 100, **_) -> Loops:
 
 
 def _apgd_runs(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array,
-               *, loss: str, n_restarts: int, **run_settings) -> Callable[[jax.Array], Program]:
-  """Run number r of APGD as a `Program`: the restart r % n_restarts, on the target ranked
-  r // n_restarts + 2 (2 = the runner-up) for 'dlr-targeted'."""
+               *, loss: str, n_restarts: int,
+               **run_settings) -> Callable[[jax.Array, jax.Array], Program]:
+  """`(r, active) ->` run number r of APGD on the `active` examples as a `Program`: the restart
+  r % n_restarts, on the target ranked r // n_restarts + 2 (2 = the runner-up) for
+  'dlr-targeted'."""
   clean_key, runs_key = jax.random.split(model_key)
 
-  def program(r):
+  def program(r, active):
     def targets():
       if loss != "dlr-targeted":
         return y
       return nth_largest(model(x, clean_key), r // n_restarts + 2)
     return _apgd_run(model, x, y, targets, example_keys(keys, r), jax.random.fold_in(runs_key, r),
-                     loss=loss, **run_settings)
+                     active, loss=loss, **run_settings)
   return program
 
 
@@ -192,8 +200,9 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
       between runs (the ensemble driver does). Default: all.
 
   Returns:
-    `(x_adv [B, H, W, C], fooled [B])`: the misclassified point where `fooled`, else the
-    highest-loss point of the example's last run; always in the eps-ball and in [0, 1].
+    `(x_adv [B, H, W, C], fooled [B])`: the first misclassified point where `fooled` (a run
+    stops once all its examples are fooled), else the highest-loss point of the example's last
+    run; always in the eps-ball and in [0, 1].
   """
   norm = attacks.norm_name(norm)
   _check_loss(loss)
@@ -205,7 +214,7 @@ def apgd(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: j
                        eot_unroll=eot_unroll)
 
   def run(r, running, extra):
-    return (*run_on_device(program(r)), extra)
+    return (*run_on_device(program(r, running)), extra)
 
   x_adv, fooled, _ = runs_loop(runs, run, x, active)
   return x_adv, fooled
@@ -224,5 +233,5 @@ def apgd_program(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array,
   active = jnp.ones(x.shape[:1], bool) if active is None else active
   program = _apgd_runs(model, x, y, keys, model_key, eps=eps, norm=norm, loss=loss,
                        n_iter=n_iter, n_restarts=n_restarts, eot_iter=eot_iter, rho=rho,
-                       eot_unroll=eot_unroll)(run)
+                       eot_unroll=eot_unroll)(run, active)
   return program._replace(finish=lambda s: one_run(x, active, *program.finish(s)))
