@@ -17,6 +17,7 @@ import pytest
 from ml_collections import ConfigDict
 
 from gacd_jax import attacks
+from gacd_jax import errors
 from gacd_jax import train
 from gacd_jax.methods import baselines
 from gacd_jax.methods.base import Context
@@ -85,9 +86,9 @@ def _np_loss(name, cfg, s, s_adv, t, t_adv, y, introspection_on=True):
   raise KeyError(name)
 
 
-def _np_objective(name, s_adv, t, t_adv, s, y):
+def _np_objective(name, s_adv, t, t_adv, s, y, switches=None):
   """The per-example quantity each method's attack maximises, `[B]`."""
-  if name in ("pgd_at", "ard", "iad"):
+  if name in ("pgd_at", "ard", "iad") or (switches or {}).get("attack_objective") == "ce":
     return _ce(s_adv, y)
   target = {"trades": s, "rslad": t, "adaad": t_adv}[name]
   return _kl_per_class(target, s_adv).sum(1)
@@ -234,19 +235,21 @@ def test_iad_counts_its_warmup_in_steps_from_init_info():
     method.init(jax.random.key(0), types.SimpleNamespace(num_examples=100))
 
 
-@pytest.mark.parametrize("name", ATTACKED)
-def test_attack_objective_and_its_input_gradient_match_numpy(problem, name):
-  method = baselines.REGISTRY[name](_config(name, "batchmean"))
+@pytest.mark.parametrize("name,switches", [(name, {}) for name in ATTACKED]
+                         + [("rslad", {"attack_objective": "ce"})])
+def test_attack_objective_and_its_input_gradient_match_numpy(problem, name, switches):
+  method = baselines.REGISTRY[name](_config(name, "batchmean", **switches))
   objective = method.objective(_context(problem))
   s, s_adv, t, t_adv = _logits(problem)
   x_adv = jnp.asarray(problem.x_adv, jnp.float32)
-  np.testing.assert_allclose(objective(x_adv), _np_objective(name, s_adv, t, t_adv, s, problem.y),
+  np.testing.assert_allclose(objective(x_adv),
+                             _np_objective(name, s_adv, t, t_adv, s, problem.y, switches),
                              rtol=1e-4, atol=1e-6)
 
   # The gradient PGD follows: for AdaAD it runs through the teacher on x' as well.
   def np_objective_of_input(xa):
     return _np_objective(name, _linear_np(problem.student, xa), t, _linear_np(problem.teacher, xa),
-                         s, problem.y).sum()
+                         s, problem.y, switches).sum()
 
   grad = jax.grad(lambda xa: objective(xa).sum())(x_adv)
   np.testing.assert_allclose(grad, _finite_difference(np_objective_of_input, problem.x_adv),
@@ -277,10 +280,15 @@ def test_attack_start_bn_mode_and_teacher_follow_the_public_code():
       assert start in attacks.STARTS
 
 
+def test_an_unknown_rslad_attack_objective_is_refused_by_name():
+  with pytest.raises(errors.ConfigError, match="rslad.attack_objective='dlr' is not one of kl, ce"):
+    baselines.rslad(_config("rslad", "batchmean", attack_objective="dlr"))
+
+
 def test_defaults_are_those_of_the_public_code():
   d = baselines.DEFAULTS
   assert d["trades"] == {"beta": 6.0}
-  assert d["rslad"] == {"adv_weight": 5 / 6, "clean_weight": 1 / 6}
+  assert d["rslad"] == {"adv_weight": 5 / 6, "clean_weight": 1 / 6, "attack_objective": "kl"}
   assert d["iad"] == {"alpha": 1.0, "temperature": 1.0, "beta": 0.1, "warmup_epochs": 60}
   assert d["adaad"] == {"alpha": 1.0}
   assert d["kd"] == {"alpha": 0.9, "temperature": 4.0}
