@@ -398,6 +398,29 @@ def test_host_loops_compute_every_attack_as_the_xla_loops_do(mlp):
   assert broken_any
 
 
+def test_host_loops_shrink_an_apgd_batch_to_the_examples_it_has_not_broken(mlp):
+  """Within a run, host loops compact an APGD batch to the next bucket of the examples not yet
+  broken: the model sees smaller batches (128, then down to ...), and every result is that of the
+  XLA loops, which keep the whole batch."""
+  f, x, y = mlp
+  sizes = []
+
+  def model(xx):
+    jax.debug.callback(lambda: sizes.append(xx.shape[0]))
+    return f(xx)
+
+  kw = dict(eps=0.2, version="custom", attacks_to_run=["apgd-ce"], n_iter=20, batch_size=128,
+            progress=False)
+  host = aa.evaluate(model, x, y, host_loops=True, **kw)
+  host_sizes = set(sizes)
+  sizes.clear()
+  xla = aa.evaluate(model, x, y, host_loops=False, **kw)
+  assert 0 < host.robust_accuracy < host.clean_accuracy / 2
+  assert max(host_sizes) == 128 and min(host_sizes) <= 32 and set(sizes) == {128}
+  np.testing.assert_array_equal(host.broken_by, xla.broken_by)
+  np.testing.assert_allclose(host.x_adv, xla.x_adv, rtol=0, atol=1e-6)
+
+
 def test_buckets_are_powers_of_two_times_the_devices_up_to_the_batch_size():
   assert [aa.bucket(n, 256) for n in (1, 2, 3, 99, 128, 129, 256, 300)] == [
       1, 2, 4, 128, 128, 256, 256, 256]

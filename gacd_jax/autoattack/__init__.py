@@ -14,10 +14,12 @@ left robust, as in the official code. Between runs the examples still to attack 
 the host into batches of `batch_size`, the last one padded to a `bucket` (a power of two times
 the device count), so each attack compiles once per bucket. Each per-batch attack is one jit over
 the mesh (batch split on `data`) with `lax` loops inside and a mask for the padding; examples a
-run has already broken stay in its batch, masked, until the batch is done. Where XLA's loops are
-slow (the CPU: `runtime.host_attack_loops`), the iterations are called from the host instead,
-each attack cut at its loops (`common.Program`) into jits of its start, one iteration (the state
-donated) and its end: the same computation, compiled once per bucket as well.
+run has already broken stay in its batch, masked, until the batch is done (an APGD run stops
+once all are broken). Where XLA's loops are slow (the CPU: `runtime.host_attack_loops`), the
+iterations are called from the host instead, each attack cut at its loops (`common.Program`) into
+jits of its start, one iteration (the state donated) and its end: the same computation, compiled
+once per bucket as well; there an APGD batch also shrinks, within a run, to the next bucket of
+the examples it has not broken yet (`_Compacting`), so it spends no steps on broken ones.
 
 Random numbers are drawn per example from `fold_in(key(seed), attack, example index)`, so an
 example's attack does not depend on the batch it lands in, the batch size or the device count:
@@ -419,20 +421,24 @@ def _host_loop_attack(fn: _WithParams, attack: Callable,
     return build_program(model, x, y, keys, model_key, eps=eps, norm=norm, active=mask, **kw,
                          **runs), model, check_key
 
-  def going(prog, state):  # None where the program always goes on: no sync with the host
+  def left(prog, state):
+    """What the host reads after each call: the examples still attacked, whether any is (a
+    program without `remaining`), or None (one that always goes on: no sync with the host)."""
+    if prog.remaining is not None:
+      return prog.remaining(state)
     return None if prog.going is None else prog.going(state)
 
   @jax.jit
   def init(args):
     prog = program(args)[0]
     state = prog.init()
-    return state, going(prog, state)
+    return state, left(prog, state)
 
   @functools.partial(jax.jit, static_argnums=0, donate_argnums=3)
   def step(loop, args, i, state):
     prog = program(args)[0]
     state = prog.body(loop, i, state)
-    return state, going(prog, state)
+    return state, left(prog, state)
 
   @jax.jit
   def finish(args, state):
@@ -442,12 +448,71 @@ def _host_loop_attack(fn: _WithParams, attack: Callable,
     return x_adv, _broken(model, x_adv, fooled, x, y, mask, check_key, eps, norm)
 
   def run(*args):
-    state, on = init(args)
+    batch = _Compacting(args, finish, compact=not fn.randomized)
+    state, todo = init(args)
     for loop, (start, stop) in enumerate(loops):
       for i in range(start, stop):
-        if on is not None and not on:
-          break
-        state, on = step(loop, args, np.int32(i), state)
-    return finish(args, state)
+        if todo is not None:
+          todo = np.asarray(todo)
+          if not todo.any():
+            break
+          state = batch.compact(state, todo)
+        state, todo = step(loop, batch.args, np.int32(i), state)
+    return batch.finish(state)
 
   return run
+
+
+class _Compacting:
+  """A padded batch that host loops shrink to the examples still attacked.
+
+  When the examples a `Program` still attacks (`remaining`) fit a bucket at most half the
+  batch's, the others are finished and set aside, and the batch (the per-example arguments and
+  every leaf of the state) is gathered down to that bucket, so the iterations that follow cost
+  what is left. An example's computation does not depend on the others in its batch (per-example
+  keys), so the outputs are those of the uncompacted batch; a randomized model's draws depend on
+  the batch's shape, so its batches are not compacted.
+  """
+
+  def __init__(self, args: tuple, finish: Callable, compact: bool):
+    self.args, self._finish, self._compact = args, finish, compact
+    self._rows = np.arange(len(args[1]))  # the original row of each row now; -1: padding
+    self._x_adv = self._broken = None     # the whole batch's outputs, once one was set aside
+    sharding = args[1].sharding
+    self._n_devices = sharding.mesh.devices.size if hasattr(sharding, "mesh") else 1
+    self._sharding = sharding
+
+  def compact(self, state, todo: np.ndarray):
+    """`state`, gathered down to the examples `todo` (per example) if their bucket is at most
+    half the batch; else as it is (also where `todo` only says whether any is left)."""
+    if not self._compact or todo.ndim != 1:
+      return state
+    size = bucket(int(todo.sum()), len(todo), self._n_devices)
+    if size > len(todo) // 2:
+      return state
+    self._set_aside(*self._finish(self.args, state))
+    keep = np.flatnonzero(todo)
+    take = np.pad(keep, (0, size - len(keep)))
+    params, x, y, mask, index, *scalars = self.args
+    gathered = jax.device_put(
+        (x[take], y[take], mask[take] & (np.arange(size) < len(keep)), index[take]),
+        self._sharding)
+    self.args = (params, *gathered, *scalars)
+    self._rows = np.where(np.arange(size) < len(keep), self._rows[take], -1)
+    return jax.device_put(jax.tree.map(lambda leaf: leaf[take], state), self._sharding)
+
+  def _set_aside(self, x_adv, broken) -> None:
+    x_adv, broken = np.asarray(x_adv), np.asarray(broken)
+    if self._x_adv is None:
+      self._x_adv, self._broken = x_adv.copy(), broken.copy()
+      return
+    rows = self._rows >= 0
+    self._x_adv[self._rows[rows]] = x_adv[rows]
+    self._broken[self._rows[rows]] = broken[rows]
+
+  def finish(self, state):
+    outputs = self._finish(self.args, state)
+    if self._x_adv is None:
+      return outputs
+    self._set_aside(*outputs)
+    return self._x_adv, self._broken

@@ -141,8 +141,11 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
   def finish(s):
     return jnp.where(expand(s["fooled"], ndim), s["x_best_adv"], s["x_best"]), s["fooled"]
 
+  def remaining(s):
+    return active & ~s["fooled"]
+
   return Program(init, apgd_loops(n_iter), body, finish,
-                 going=lambda s: jnp.any(active & ~s["fooled"]))
+                 going=lambda s: jnp.any(remaining(s)), remaining=remaining)
 
 
 def apgd_loops(n_iter: int = 100, **_) -> Loops:

@@ -125,12 +125,18 @@ class Program(NamedTuple):
   `loops` depends on the settings only. What the iterations need beyond the inputs (APGD-T's
   targets) `init` computes into the state: with host loops, `body` is a program of its own, and
   anything it closes over would be computed again at every iteration.
+
+  `remaining(state) -> [B]` bool, where given, marks the examples still being attacked (`going`
+  is then its `any`); every leaf of the state is per example (leading axis B), and an example's
+  outputs no longer change once it is not remaining. The host loops then compact the batch to
+  the examples remaining (`_host_loop_attack`).
   """
   init: Callable[[], Any]
   loops: Loops
   body: Callable[[int, jax.Array, Any], Any]
   finish: Callable[[Any], Any]
   going: Callable[[Any], jax.Array] | None = None
+  remaining: Callable[[Any], jax.Array] | None = None
 
 
 def run_on_device(program: Program):
