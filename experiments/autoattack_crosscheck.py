@@ -140,7 +140,7 @@ def main(argv=None) -> None:
       f"clean accuracy {100 * result.clean_accuracy:.2f}%), Linf eps = {args.eps}. "
       "pyautoattack 0.2.0 (the official code) with batch 500 and one PyTorch thread; gacd_jax "
       "with batch 128 on one CPU device. Seeds 0, 1, ... on both sides, each side with its own "
-      "random numbers. Wall times per run on a 2-core CPU shared with other work; gacd_jax's "
+      "random numbers. Wall times per run, 2-core CPU, nothing else running; gacd_jax's "
       "include tracing and (first seed) compilation.\n\n"
       + report.markdown_table(rows) + "\n\n"
       "Robust accuracy in %: the mean over seeds 0, 1, ... (each seed's in brackets); an "
