@@ -52,10 +52,10 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
   `(x_run, fooled)`: the first misclassified iterate where `fooled`, else the highest-loss one.
   `targets()` gives the classes the loss takes (the labels, or APGD-T's targets).
 
-  The run stops once every `active` example is fooled (`Program.going`). The official code goes
-  on for all `n_iter` steps and returns an example's last misclassified iterate; which examples
-  are fooled is the same either way, and the first misclassified iterate does not depend on
-  when the others in its batch are fooled, so results stay independent of batching."""
+  The run stops once every `active` example is fooled (`Program.remaining`). The official code
+  goes on for all `n_iter` steps and returns an example's last misclassified iterate; which
+  examples are fooled is the same either way, and the first misclassified iterate does not
+  depend on when the others in its batch are fooled, so results stay independent of batching."""
   loss_fn = _apgd_loss(loss)
   ndim = x.ndim
 
@@ -144,8 +144,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
   def remaining(s):
     return active & ~s["fooled"]
 
-  return Program(init, apgd_loops(n_iter), body, finish,
-                 going=lambda s: jnp.any(remaining(s)), remaining=remaining)
+  return Program(init, apgd_loops(n_iter), body, finish, remaining=remaining)
 
 
 def apgd_loops(n_iter: int = 100, **_) -> Loops:

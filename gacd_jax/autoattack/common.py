@@ -126,8 +126,8 @@ class Program(NamedTuple):
   targets) `init` computes into the state: with host loops, `body` is a program of its own, and
   anything it closes over would be computed again at every iteration.
 
-  `remaining(state) -> [B]` bool, where given, marks the examples still being attacked (`going`
-  is then its `any`); every leaf of the state is per example (leading axis B), and an example's
+  `remaining(state) -> [B]` bool, where given instead of `going`, marks the examples still being
+  attacked (the program goes on while any is: `Program.goes`); every leaf of the state is per example (leading axis B), and an example's
   outputs no longer change once it is not remaining. The host loops then compact the batch to
   the examples remaining (`_host_loop_attack`).
   """
@@ -138,17 +138,25 @@ class Program(NamedTuple):
   going: Callable[[Any], jax.Array] | None = None
   remaining: Callable[[Any], jax.Array] | None = None
 
+  @property
+  def goes(self) -> Callable[[Any], jax.Array] | None:
+    """`state -> bool`, whether to go on (`going`, or any example `remaining`); None: always."""
+    if self.remaining is None:
+      return self.going
+    return lambda state: jnp.any(self.remaining(state))
+
 
 def run_on_device(program: Program):
-  """`program`'s outputs, its loops as `lax.fori_loop` (`lax.while_loop` with `going`)."""
+  """`program`'s outputs, its loops as `lax.fori_loop` (`lax.while_loop` where it `goes`)."""
   state = program.init()
+  goes = program.goes
   for k, (start, stop) in enumerate(program.loops):
     body = lambda i, s, k=k: program.body(k, i, s)
-    if program.going is None:
+    if goes is None:
       state = jax.lax.fori_loop(start, stop, body, state)
     else:
       _, state = jax.lax.while_loop(
-          lambda c, stop=stop: (c[0] < stop) & program.going(c[1]),
+          lambda c, stop=stop: (c[0] < stop) & goes(c[1]),
           lambda c, body=body: (c[0] + 1, body(c[0], c[1])), (jnp.int32(start), state))
   return program.finish(state)
 
