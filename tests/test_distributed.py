@@ -1,7 +1,7 @@
 """Multi-host on loopback: two processes (one CPU device each, joined by `jax.distributed` over
-127.0.0.1) train the run a single process with two devices trains, and then evaluate as one
-device and eight fake devices do. One pair of processes does both, so the suite starts and joins
-one pair, not two."""
+127.0.0.1) train the run a single process with eight fake devices trains, and then evaluate as
+that process does. Each process trains and then evaluates, so the suite starts one single process
+and joins one pair, not more."""
 
 import os
 import socket
@@ -10,7 +10,6 @@ import sys
 
 import jax
 import numpy as np
-from flax import serialization
 
 from gacd_jax import checkpoints
 from tests import helpers
@@ -20,8 +19,8 @@ ARGS = ["train", "--config=configs/digits.py:pgd_at", "--config.data.num_example
         "--config.model.small_cnn.width=4", "--config.attack.steps=2", "--noprogress"]
 
 # Accuracies (clean, PGD; an eps sweep) and features of the single process's trained small_cnn
-# (its variables, written by the test, are read, not initialised: compiling the random draws of
-# the conv kernels took seconds per kernel shape on the CPU) on the first 100 digits (the
+# (its variables, written by that process, are read, not initialised: compiling the random draws
+# of the conv kernels took seconds per kernel shape on the CPU) on the first 100 digits (the
 # features: all of them); process 0 writes them.
 REPORTS = """
 import pathlib
@@ -44,9 +43,23 @@ if jax.process_index() == 0:
            features=probe_features)
 """
 
+# The single process: `gacd-jax train` (argv[1:]) on eight devices, its trained variables
+# written for the reports, then the reports.
+SINGLE_TRAIN_THEN_REPORTS = """
+import pathlib, sys
+import jax
+from flax import serialization
+from gacd_jax import checkpoints, cli
+assert jax.process_count() == 1 and len(jax.devices()) == 8
+cli.main(["gacd-jax", *sys.argv[1:]])
+_, trained = checkpoints.restore({workdir!r})
+pathlib.Path({variables!r}).write_bytes(serialization.msgpack_serialize(
+    {{"params": trained["params"]["student"], "batch_stats": trained["batch_stats"]}}))
+""" + REPORTS
+
 # Each process of the pair: `gacd-jax train --distributed` (argv[1:]), then the reports on the
 # two processes.
-TRAIN_THEN_REPORTS = """
+PAIR_TRAIN_THEN_REPORTS = """
 import sys
 import jax
 from gacd_jax import cli
@@ -74,29 +87,24 @@ def _assert_same_reports(a, b):
 
 
 def test_two_processes_on_loopback_train_and_evaluate_like_one_process(tmp_path):
-  single = subprocess.run([sys.executable, "-m", "gacd_jax.cli", *ARGS,
-                           f"--workdir={tmp_path / 'single'}"], env=_env(2),
-                          capture_output=True, text=True, timeout=600, cwd=helpers.REPO)
-  assert single.returncode == 0, single.stderr
-  _, trained = checkpoints.restore(tmp_path / "single")
   variables = tmp_path / "variables.msgpack"
-  variables.write_bytes(serialization.msgpack_serialize(
-      {"params": trained["params"]["student"], "batch_stats": trained["batch_stats"]}))
-  reports = {}
-  for devices in (1, 8):
-    reports[devices] = tmp_path / f"{devices}.npz"
-    helpers.run_python(f"import jax\nassert len(jax.devices()) == {devices}\n" + REPORTS.format(
-        variables=str(variables), out=str(reports[devices])), devices=devices)
-  one, eight = np.load(reports[1]), np.load(reports[8])
+  single = tmp_path / "single.py"
+  single.write_text(SINGLE_TRAIN_THEN_REPORTS.format(
+      workdir=str(tmp_path / "single"), variables=str(variables), out=str(tmp_path / "one.npz")))
+  proc = subprocess.run([sys.executable, str(single), *ARGS, f"--workdir={tmp_path / 'single'}"],
+                        env=_env(8), capture_output=True, text=True, timeout=600,
+                        cwd=helpers.REPO)
+  assert proc.returncode == 0, proc.stderr
+  _, trained = checkpoints.restore(tmp_path / "single")
+  one = np.load(tmp_path / "one.npz")
   assert one["features"].shape == (len(one["labels"]), 16)
-  _assert_same_reports(one, eight)
 
   # The pair; each process reads its half of every batch. Without the persistent cache, so that
   # neither runs ahead (loading what the other compiles) and leaves the other more than gloo's
   # 30 s to join a collective.
   script = tmp_path / "pair.py"
-  script.write_text(TRAIN_THEN_REPORTS.format(variables=str(variables),
-                                               out=str(tmp_path / "two.npz")))
+  script.write_text(PAIR_TRAIN_THEN_REPORTS.format(variables=str(variables),
+                                                    out=str(tmp_path / "two.npz")))
   env = dict(_env(1), GACD_JAX_COMPILATION_CACHE="off", JAX_ENABLE_COMPILATION_CACHE="false")
   coordinator = f"127.0.0.1:{_free_port()}"
   procs = [subprocess.Popen(
