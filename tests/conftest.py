@@ -14,8 +14,11 @@ import jax
 import pytest
 
 from gacd_jax import runtime
+from tests import helpers
 
-# As the command line does (before any backend starts): the tests run on the path users get.
+# As the command line does (before any backend starts): the tests run on the path users get, but
+# compile faster (`helpers.XLA_FLAGS`).
+os.environ.setdefault("XLA_FLAGS", helpers.XLA_FLAGS)
 runtime.set_xla_flags()
 CACHE_DIR = pathlib.Path(__file__).resolve().parent.parent / ".pytest_cache" / "jax_compilation"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", str(CACHE_DIR))
