@@ -68,6 +68,11 @@ def default() -> ConfigDict:
   c.method = ConfigDict()
   c.method.name = "pgd_at"
   c.method.kl_reduction = "batchmean"  # or 'mean' (over batch x classes, as ARD/RSLAD code)
+  # Whether the student's forward on the clean batch, in the methods that also forward x' (ARD,
+  # TRADES, RSLAD, IAD, AdaAD, GACD, CRDND), updates BatchNorm's running statistics, as every
+  # method's public code does (True); False leaves them to the forwards on x' (a switch of this
+  # library, not of any method; the loss and its gradient are the same either way).
+  c.method.clean_bn_update = True
   for name, switches in methods.defaults().items():
     c.method[name] = switches
 
@@ -166,6 +171,7 @@ def validate(c: ConfigDict) -> None:
   data_files.check_format(c.data.name, c.data.format)
   methods.build(c.method)  # raises for an unknown method
   _choice(c.method.kl_reduction, losses.KL_REDUCTIONS, "method.kl_reduction")
+  _choice(c.method.clean_bn_update, (True, False), "method.clean_bn_update")
   _choice(c.precision, tuple(PRECISIONS), "precision")
   for key in ("attack.eps", "eval.eps"):
     section, name = key.split(".")

@@ -51,8 +51,9 @@ class StudentForward:
   """`x -> (logits, features)` in train mode, threading BatchNorm statistics through calls.
 
   Each call uses the statistics left by the previous one, like consecutive PyTorch forwards in
-  train mode. It holds Python state only within one trace of the step; the step returns the final
-  statistics, so the step itself stays pure.
+  train mode; a call with `update_stats=False` normalises by its batch's statistics as well but
+  leaves the running ones as they were. It holds Python state only within one trace of the step;
+  the step returns the final statistics, so the step itself stays pure.
   """
 
   def __init__(self, model, params: PyTree, batch_stats: PyTree):
@@ -60,11 +61,12 @@ class StudentForward:
     self._params = params
     self.batch_stats = batch_stats
 
-  def __call__(self, x: jax.Array):
+  def __call__(self, x: jax.Array, *, update_stats: bool = True):
     outputs, updates = self._model.apply(
         {"params": self._params, "batch_stats": self.batch_stats}, x, train=True,
         mutable=["batch_stats"])
-    self.batch_stats = updates.get("batch_stats", self.batch_stats)
+    if update_stats:
+      self.batch_stats = updates.get("batch_stats", self.batch_stats)
     return outputs
 
 

@@ -22,8 +22,9 @@ from gacd_jax.methods import gacd as gacd_lib
 from tests import helpers
 
 
-def _step_setup(method_name: str, width: int = 8, dtype=jnp.float32):
+def _step_setup(method_name: str, width: int = 8, dtype=jnp.float32, clean_bn_update=True):
   config = helpers.tiny_config(method_name, width=width)
+  config.method.clean_bn_update = clean_bn_update
   config.method.gacd.update(gacd_lib.RECONSTRUCTION)  # the memory-bank form (NCE)
   source = data.build("digits", "train", image_size=8, channels=1, num_examples=128)
   method = methods.build(config.method)
@@ -107,6 +108,41 @@ for path, bank in jax.tree_util.tree_flatten_with_path(eight[2])[0]:
     written.append(sorted(rows.tolist()) == sorted(batch["index"].tolist()))
 print(diff, all(written), len(written))
 """
+
+
+def test_a_student_forward_can_leave_the_running_statistics_alone():
+  model = models.build("small_cnn", 10, width=4)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 8, 8, 1)), train=False)
+  x1, x2 = jax.random.uniform(jax.random.key(1), (2, 16, 8, 8, 1))
+  student = train.StudentForward(model, variables["params"], variables["batch_stats"])
+  student(x1)
+  after_x1 = student.batch_stats
+  logits, _ = student(x2, update_stats=False)
+  assert student.batch_stats is after_x1
+  (expected, _), updated = model.apply({"params": variables["params"], "batch_stats": after_x1},
+                                       x2, train=True, mutable=["batch_stats"])
+  np.testing.assert_array_equal(logits, expected)  # batch statistics, as in train mode
+  student(x2)
+  jax.tree.map(np.testing.assert_array_equal, student.batch_stats, updated["batch_stats"])
+  assert not np.allclose(jax.tree.leaves(updated)[0], jax.tree.leaves(after_x1)[0])
+
+
+def test_a_clean_forward_that_keeps_no_statistics_changes_them_and_nothing_else():
+  """RSLAD with `config.method.clean_bn_update=False`: the same loss and update of the
+  parameters, other running statistics."""
+  mesh = sharding.make_mesh()
+  results = []
+  for keep in (True, False):
+    state, teacher_vars, step, batch = _step_setup("rslad", clean_bn_update=keep)
+    batch = data.to_global(batch, sharding.batch_sharding(mesh))
+    state, metrics = train.jit_step(step, mesh)(state, teacher_vars, batch, jax.random.key(3))
+    results.append(jax.device_get((metrics["loss"], state["params"], state["batch_stats"])))
+  (loss, params, stats), (loss_no, params_no, stats_no) = results
+  np.testing.assert_allclose(loss_no, loss, rtol=1e-6)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+               params_no, params)
+  gaps = [np.abs(a - b).max() for a, b in zip(jax.tree.leaves(stats_no), jax.tree.leaves(stats))]
+  assert min(gaps) > 1e-4, gaps  # every BatchNorm layer's statistics moved differently
 
 
 @pytest.mark.parametrize("method,banks", [("ard", 0), ("gacd", 2)])

@@ -24,7 +24,7 @@ def register(name: str, factory: MethodFactory,
              switches: Optional[Mapping[str, Any]] = None) -> None:
   """Add a method: `config.method.name = name` then builds it with `factory(config.method)`, and
   `switches` become `config.method.<name>.*` in configs made from `gacd_jax.config.default()`."""
-  if name in REGISTRY or name in ("name", "kl_reduction"):
+  if name in REGISTRY or name in ("name", "kl_reduction", "clean_bn_update"):
     raise errors.ConfigError(f"a method named {name!r} exists already; choose another name")
   REGISTRY[name] = factory
   if switches:

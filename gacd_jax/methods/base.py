@@ -10,9 +10,11 @@ A method is three pure pieces, bundled in a `Method`:
 The step builds a `Context` for each piece. `ctx.student(x)` runs the student; during the attack it
 uses the BatchNorm mode the method asks for (running statistics, or batch statistics without
 updating them), and in the loss it runs in train mode and its BatchNorm updates are kept, in call
-order, as PyTorch's would be. `ctx.teacher(x)` runs the frozen teacher in eval mode with its variables behind
-`stop_gradient` (gradients reach its input, so an attack may go through the teacher, as AdaAD's
-does); `ctx.teacher_clean` is its output on the clean batch, computed once per step.
+order, as PyTorch's would be (`ctx.student(x, update_stats=False)` keeps none: the methods'
+clean forward does so when `config.method.clean_bn_update` is False). `ctx.teacher(x)` runs the
+frozen teacher in eval mode with its variables behind `stop_gradient` (gradients reach its
+input, so an attack may go through the teacher, as AdaAD's does); `ctx.teacher_clean` is its
+output on the clean batch, computed once per step.
 """
 
 import dataclasses
@@ -104,3 +106,12 @@ class Method:
 
 
 MethodFactory = Callable[[ConfigDict], Method]
+
+
+def student_on_clean(ctx: Context, update_stats: bool) -> Outputs:
+  """`ctx.student` on the clean batch, keeping its BatchNorm update or not
+  (`config.method.clean_bn_update`); the keyword is passed only when False, so a plain forward
+  function (a test's, a user's) serves every method at the default."""
+  if update_stats:
+    return ctx.student(ctx.batch["image"])
+  return ctx.student(ctx.batch["image"], update_stats=False)

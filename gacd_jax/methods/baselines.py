@@ -20,7 +20,7 @@ from ml_collections import ConfigDict
 
 from gacd_jax import errors
 from gacd_jax import losses
-from gacd_jax.methods.base import Context, InitInfo, Method, PyTree
+from gacd_jax.methods.base import Context, InitInfo, Method, PyTree, student_on_clean
 
 
 def natural(cfg: ConfigDict) -> Method:
@@ -60,6 +60,7 @@ def ard(cfg: ConfigDict) -> Method:
   alpha = float(cfg.ard.alpha)
   temperature = float(cfg.ard.temperature)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
 
   def objective(ctx: Context):
     return lambda x: losses.cross_entropy(ctx.student(x)[0], ctx.batch["label"])
@@ -74,7 +75,7 @@ def ard(cfg: ConfigDict) -> Method:
     # With alpha = 1 the clean term has weight 0 and its forward is skipped (ARD's code runs it,
     # which only moves the BatchNorm running statistics).
     if alpha < 1.0:
-      clean_logits, _ = ctx.student(ctx.batch["image"])
+      clean_logits, _ = student_on_clean(ctx, clean_bn_update)
       ce = losses.cross_entropy(clean_logits, ctx.batch["label"]).mean()
       total = total + (1.0 - alpha) * ce
       metrics.update(ce=ce, logits_clean=clean_logits)
@@ -100,6 +101,7 @@ def trades(cfg: ConfigDict) -> Method:
   """
   beta = float(cfg.trades.beta)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
 
   def objective(ctx: Context):
     # Constant in x', so computed once rather than at every PGD step as their loop does.
@@ -107,7 +109,7 @@ def trades(cfg: ConfigDict) -> Method:
     return lambda x: losses.kl_divergence(clean_logits, ctx.student(x)[0])
 
   def loss(ctx: Context, x_adv: jax.Array):
-    clean_logits, _ = ctx.student(ctx.batch["image"])
+    clean_logits, _ = student_on_clean(ctx, clean_bn_update)
     adv_logits, _ = ctx.student(x_adv)
     ce = losses.cross_entropy(clean_logits, ctx.batch["label"]).mean()
     kl = losses.reduce_kl(losses.kl_divergence_per_class(clean_logits, adv_logits), reduction)
@@ -136,6 +138,7 @@ def rslad(cfg: ConfigDict) -> Method:
   adv_weight = float(cfg.rslad.adv_weight)
   clean_weight = float(cfg.rslad.clean_weight)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
   attack_objective = cfg.rslad.attack_objective
   if attack_objective not in RSLAD_ATTACK_OBJECTIVES:
     raise errors.ConfigError(
@@ -151,7 +154,7 @@ def rslad(cfg: ConfigDict) -> Method:
   def loss(ctx: Context, x_adv: jax.Array):
     teacher_logits, _ = ctx.teacher_clean
     adv_logits, _ = ctx.student(x_adv)
-    clean_logits, _ = ctx.student(ctx.batch["image"])
+    clean_logits, _ = student_on_clean(ctx, clean_bn_update)
     kl_adv = losses.reduce_kl(losses.kl_divergence_per_class(teacher_logits, adv_logits), reduction)
     kl_clean = losses.reduce_kl(
         losses.kl_divergence_per_class(teacher_logits, clean_logits), reduction)
@@ -187,6 +190,7 @@ def iad(cfg: ConfigDict) -> Method:
   beta = float(cfg.iad.beta)
   warmup_epochs = int(cfg.iad.warmup_epochs)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
 
   def init(rng: jax.Array, info: InitInfo) -> tuple[PyTree, PyTree]:
     del rng
@@ -204,7 +208,7 @@ def iad(cfg: ConfigDict) -> Method:
     labels = ctx.batch["label"]
     teacher_logits, _ = ctx.teacher_clean
     adv_logits, _ = ctx.student(x_adv)
-    clean_logits, _ = ctx.student(ctx.batch["image"])
+    clean_logits, _ = student_on_clean(ctx, clean_bn_update)
     kl = losses.reduce_kl(
         losses.kl_divergence_per_class(teacher_logits, adv_logits, temperature), reduction)
     # The teacher's confidence in the true label on x': an unreliable teacher hands more of the
@@ -243,6 +247,7 @@ def adaad(cfg: ConfigDict) -> Method:
   """
   alpha = float(cfg.adaad.alpha)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
 
   def objective(ctx: Context):
     return lambda x: losses.kl_divergence(ctx.teacher(x)[0], ctx.student(x)[0])
@@ -253,7 +258,7 @@ def adaad(cfg: ConfigDict) -> Method:
     # Clean before adversarial, the order of their forwards.
     if alpha < 1.0:
       teacher_clean_logits, _ = ctx.teacher_clean
-      clean_logits, _ = ctx.student(ctx.batch["image"])
+      clean_logits, _ = student_on_clean(ctx, clean_bn_update)
       kl_clean = losses.reduce_kl(
           losses.kl_divergence_per_class(teacher_clean_logits, clean_logits), reduction)
       clean_term = (1.0 - alpha) * kl_clean

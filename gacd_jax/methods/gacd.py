@@ -14,7 +14,7 @@ from ml_collections import ConfigDict
 
 from gacd_jax import errors
 from gacd_jax import losses
-from gacd_jax.methods.base import Context, InitInfo, Method, PyTree
+from gacd_jax.methods.base import Context, InitInfo, Method, PyTree, student_on_clean
 from gacd_jax.methods.contrastive import Estimator
 
 ANCHORS = ("clean", "adv")
@@ -122,6 +122,7 @@ def gacd(cfg: ConfigDict) -> Method:
                         num_negatives=c.num_negatives, momentum=c.momentum,
                         with_replacement=c.negatives_with_replacement)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
   kl_temperature = float(c.kl_temperature)
 
   def init(rng: jax.Array, info: InitInfo) -> tuple[PyTree, PyTree]:
@@ -181,7 +182,7 @@ def gacd(cfg: ConfigDict) -> Method:
       total = total + c.kl_weight * kl_temperature**2 * kl
       metrics["kl"] = kl
     if c.clean_ce_weight > 0:
-      clean_logits, _ = ctx.student(ctx.batch["image"])
+      clean_logits, _ = student_on_clean(ctx, clean_bn_update)
       clean_ce = losses.cross_entropy(clean_logits, labels).mean()
       total = total + c.clean_ce_weight * clean_ce
       metrics.update(ce_clean=clean_ce, logits_clean=clean_logits)
@@ -272,6 +273,7 @@ def crdnd(cfg: ConfigDict) -> Method:
   _choice(c.compensation, COMPENSATIONS, "crdnd.compensation")
   estimator = Estimator(kind="infonce", feat_dim=c.feat_dim, temperature=c.temperature)
   reduction = cfg.kl_reduction
+  clean_bn_update = bool(cfg.get("clean_bn_update", True))
 
   def init(rng: jax.Array, info: InitInfo) -> tuple[PyTree, PyTree]:
     _require_shared_classes(info.num_classes, info.teacher_num_classes, "crdnd")
@@ -287,7 +289,7 @@ def crdnd(cfg: ConfigDict) -> Method:
     teacher_logits, teacher_features = ctx.teacher_clean
     # RSLAD's order, x' then x: BatchNorm's running statistics see them in that order.
     adv_logits, adv_features = ctx.student(x_adv)
-    clean_logits, _ = ctx.student(ctx.batch["image"])
+    clean_logits, _ = student_on_clean(ctx, clean_bn_update)
     target = compensated_target(teacher_logits, ctx.batch["label"], c.compensation,
                                 ctx.params.get("transition"))
 
