@@ -68,10 +68,11 @@ def default() -> ConfigDict:
   c.method = ConfigDict()
   c.method.name = "pgd_at"
   c.method.kl_reduction = "batchmean"  # or 'mean' (over batch x classes, as ARD/RSLAD code)
-  # Whether the student's forward on the clean batch, in the methods that also forward x' (ARD,
-  # TRADES, RSLAD, IAD, AdaAD, GACD, CRDND), updates BatchNorm's running statistics, as every
-  # method's public code does (True); False leaves them to the forwards on x' (a switch of this
-  # library, not of any method; the loss and its gradient are the same either way).
+  # Whether the student's forward on the clean batch, in the methods that also forward x'
+  # (TRADES, RSLAD, IAD, CRDND; ARD and AdaAD with alpha < 1; GACD with clean_ce_weight > 0),
+  # updates BatchNorm's running statistics, as every method's public code does (True); False
+  # leaves them to the forwards on x' (a switch of this library, not of any method; the loss and
+  # its gradient are the same either way).
   c.method.clean_bn_update = True
   for name, switches in methods.defaults().items():
     c.method[name] = switches
