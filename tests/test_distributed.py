@@ -90,14 +90,15 @@ def test_two_processes_on_loopback_train_and_evaluate_like_one_process(tmp_path)
   variables = tmp_path / "variables.msgpack"
   single = tmp_path / "single.py"
   single.write_text(SINGLE_TRAIN_THEN_REPORTS.format(
-      workdir=str(tmp_path / "single"), variables=str(variables), out=str(tmp_path / "one.npz")))
+      workdir=str(tmp_path / "single"), variables=str(variables),
+      out=str(tmp_path / "single.npz")))
   proc = subprocess.run([sys.executable, str(single), *ARGS, f"--workdir={tmp_path / 'single'}"],
                         env=_env(8), capture_output=True, text=True, timeout=600,
                         cwd=helpers.REPO)
   assert proc.returncode == 0, proc.stderr
   _, trained = checkpoints.restore(tmp_path / "single")
-  one = np.load(tmp_path / "one.npz")
-  assert one["features"].shape == (len(one["labels"]), 16)
+  single_reports = np.load(tmp_path / "single.npz")
+  assert single_reports["features"].shape == (len(single_reports["labels"]), 16)
 
   # The pair; each process reads its half of every batch. Without the persistent cache, so that
   # neither runs ahead (loading what the other compiles) and leaves the other more than gloo's
@@ -123,4 +124,4 @@ def test_two_processes_on_loopback_train_and_evaluate_like_one_process(tmp_path)
   # only process 0 writes the logs: one line (logged at the last step), not one per process
   lines = (tmp_path / "multi" / "metrics.jsonl").read_text().splitlines()
   assert len(lines) == 1 and '"step": 4' in lines[0]
-  _assert_same_reports(one, np.load(tmp_path / "two.npz"))
+  _assert_same_reports(single_reports, np.load(tmp_path / "two.npz"))
