@@ -12,8 +12,9 @@ again.
   python experiments/study.py ablation --workdir runs/study --datasets digits
 
 Results are merged into `--out` (default experiments/results): a second call for another dataset
-adds to `study.json` / `gacd_ablation.json` and rewrites the tables and plots from them; each
-dataset's section names the command that made its rows (kept in `study.commands.json` /
+adds to `study.json` / `gacd_ablation.json`, a call for some methods of a dataset replaces their
+rows and keeps the others', and the tables and plots are rewritten from them; each dataset's
+section names the commands that made its rows (kept in `study.commands.json` /
 `gacd_ablation.commands.json`; `--tables-only` changes none).
 Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an early stop leaves
 complete comparisons; the tables are rewritten after every run. The teachers are trained first and
@@ -273,11 +274,35 @@ def target_check(results: dict[str, dict[str, list[float]]]) -> str:
           f"{best.upper()}'s (GACD's is {clean_relation}): {clean}.")
 
 
-def merge_json(path: pathlib.Path, dataset: str, results: dict) -> dict:
-  everything = json.loads(path.read_text()) if path.exists() else {}
-  everything[dataset] = results
-  checkpoints.write_json(path, everything)
-  return everything
+def merge(everything: dict, commands: dict, dataset: str, results: dict, entry: dict,
+          ran: bool = True) -> None:
+  """Merge one call's rows of `dataset` into `everything` (`{dataset: {row: metrics}}`, the
+  results json) and `commands` (`{dataset: [entry]}`, the commands json), in place. `entry` is
+  the call's command, split, suite and the rows it planned (`rows`): those rows are replaced
+  (dropped if not evaluated yet), an earlier call's other rows stay with their command, so a
+  method re-run after a change of its config updates its rows alone. Rows made with another split
+  or suite go (they are not one table). A call that only rewrote the tables (`ran` False) keeps
+  the recorded commands."""
+  previous = commands.get(dataset, [])
+  if isinstance(previous, dict):  # written when one command made every row of a dataset
+    previous = [{**previous, "rows": sorted(everything.get(dataset, {}))}]
+  if any((e["split"], e["suite"]) != (entry["split"], entry["suite"]) for e in previous):
+    previous, everything[dataset] = [], {}
+  rows = set(entry["rows"])
+  kept = {name: r for name, r in everything.get(dataset, {}).items() if name not in rows}
+  everything[dataset] = {**kept, **results}
+  if ran or not previous:
+    previous = [{**e, "rows": [r for r in e["rows"] if r not in rows]} for e in previous]
+    previous = [e for e in previous if e["rows"]] + [entry]
+  commands[dataset] = previous
+
+
+def commands_line(entries: list[dict]) -> str:
+  """How a dataset's section names the command(s) that made its rows."""
+  if len(entries) == 1:
+    return f"Command (resumable; regenerates these rows): `{entries[0]['command']}`"
+  return ("Commands (resumable; each regenerates the rows it names):\n\n" + "\n".join(
+      f"- `{e['command']}`: {', '.join(in_order(dict.fromkeys(e['rows'])))}" for e in entries))
 
 
 def collect(runs: list[Run], stored: dict[pathlib.Path, dict]) -> dict[str, dict[str, list[float]]]:
@@ -418,39 +443,32 @@ def main(argv=None) -> None:
   report(final=True)
 
 
-def record_commands(path: pathlib.Path, datasets: list[str], entry: dict, ran: bool) -> dict:
-  """`{dataset: entry}` in the json at `path` (beside the results json, whose schema is
-  `{dataset: results}`), set for `datasets`: the command and settings that made each dataset's
-  rows. A call that only rewrote the tables (`ran` False) keeps a dataset's recorded entry."""
-  commands = json.loads(path.read_text()) if path.exists() else {}
-  for dataset in datasets:
-    if ran or dataset not in commands:
-      commands[dataset] = entry
-  checkpoints.write_json(path, commands)
-  return commands
-
-
 def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: list[Run],
                   students: list[Run], stored: dict[pathlib.Path, dict], split: str, suite: str,
                   argv: list[str], echo: bool = True, ran: bool = True) -> None:
   """Merge the runs evaluated so far into `out`'s json and rewrite its markdown and plots. Each
-  dataset's section names the command that made its rows (the last one that ran for it)."""
+  dataset's section names the commands that made its rows (`merge`)."""
   out.mkdir(parents=True, exist_ok=True)
   stem = "study" if kind == "grid" else "gacd_ablation"
+  results_path, commands_path = out / f"{stem}.json", out / f"{stem}.commands.json"
+  everything = json.loads(results_path.read_text()) if results_path.exists() else {}
+  commands = json.loads(commands_path.read_text()) if commands_path.exists() else {}
   for dataset in datasets:
     runs = [r for r in teachers + students if r.dataset == dataset]
-    merge_json(out / f"{stem}.json", dataset, collect(runs, stored))
-  everything = json.loads((out / f"{stem}.json").read_text())
-  commands = record_commands(out / f"{stem}.commands.json", datasets, {
-      "command": "python experiments/study.py " + shlex.join(argv), "split": split,
-      "suite": suite}, ran)
+    entry = {"command": "python experiments/study.py " + shlex.join(argv), "split": split,
+             "suite": suite, "rows": list(dict.fromkeys(r.name for r in runs))}
+    merge(everything, commands, dataset, collect(runs, stored), entry, ran)
+  checkpoints.write_json(results_path, everything)
+  checkpoints.write_json(commands_path, commands)
   sections = []
   for dataset, results in everything.items():
     d = recipes.SMALL_DATA[dataset]
-    made = commands.get(dataset, {"command": "(not recorded)", "split": split, "suite": suite})
+    entries = commands.get(dataset) or [{"command": "(not recorded)", "split": split,
+                                         "suite": suite, "rows": list(results)}]
+    made = entries[0]
     source = data.build(dataset, made["split"])
     sections.append(
-        f"## {dataset}\n\nCommand (resumable; regenerates these rows): `{made['command']}`\n\n"
+        f"## {dataset}\n\n{commands_line(entries)}\n\n"
         f"{source.num_examples} {made['split']} images, Linf eps {d.eps}; AutoAttack version "
         f"`{made['suite']}`; students small_cnn width {d.student_width}, teacher width "
         f"{d.teacher_width}; {d.epochs} epochs. Accuracy (%), mean ± std over seeds (sample std; "

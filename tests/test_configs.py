@@ -189,9 +189,11 @@ def test_a_bad_argument_is_one_clear_error(arg, match):
     load(f"cifar10.py:{arg}")
 
 
-@pytest.mark.parametrize("dataset,eps,iad_warmup,ard_temperature",
-                         [("digits", 0.15, 9, 30.0), ("mnist5k", 0.3, 6, 5.0)])
-def test_small_data_teachers_and_students(dataset, eps, iad_warmup, ard_temperature):
+@pytest.mark.parametrize("dataset,eps,iad_warmup,ard_temperature,no_clean_bn_update",
+                         [("digits", 0.15, 9, 30.0, set()),
+                          ("mnist5k", 0.3, 6, 5.0, {"rslad", "crdnd"})])
+def test_small_data_teachers_and_students(dataset, eps, iad_warmup, ard_temperature,
+                                          no_clean_bn_update):
   widths = {m: load(f"{dataset}.py:{m}").model.small_cnn.width for m in methods.names()}
   assert {m for m, w in widths.items() if w == 32} == {"pgd_at", "trades"}
   assert {m for m, w in widths.items() if w == 8} == set(methods.names()) - {"pgd_at", "trades"}
@@ -202,6 +204,9 @@ def test_small_data_teachers_and_students(dataset, eps, iad_warmup, ard_temperat
   ard = load(f"{dataset}.py:ard")
   assert ard.attack.eps == ard.eval.eps == eps and ard.teacher.model == "small_cnn"
   assert ard.method.ard.temperature == ard_temperature  # mnist5k's chosen on validation
+  # mnist5k's clean forwards that leave BatchNorm's statistics alone, chosen on validation
+  assert {m for m in methods.names()
+          if not load(f"{dataset}.py:{m}").method.clean_bn_update} == no_clean_bn_update
   with pytest.raises(errors.ConfigError, match="unknown method"):
     load(f"{dataset}.py:gacdd")
 

@@ -87,10 +87,6 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   assert mean == pytest.approx(45.0) and std == pytest.approx(np.std([40, 45, 50], ddof=1))
   table = study.results_table(results)
   assert "| ard " in table and "60.0 ± 10.0" in table and "45.0 ± 5.0" in table
-  path = tmp_path / "study.json"
-  study.merge_json(path, "digits", results)
-  study.merge_json(path, "mnist5k", {"ard": {"clean": [0.1]}})
-  assert set(json.loads(path.read_text())) == {"digits", "mnist5k"}
   assert study.format_cell([]) == "-"
   assert study.format_cell([0.5]) == "50.0"  # one seed: no std to show
   assert study.format_cell([0.5, 0.7], percent=False) == "0.600 ± 0.141"  # sample std
@@ -182,6 +178,33 @@ def test_each_dataset_section_names_the_command_that_made_its_rows(tmp_path):
   assert "`python experiments/study.py grid --datasets mnist5k`" in mnist5k
   assert "--names x" not in markdown and "| 50.0 " in markdown
   write("digits", ["grid", "--datasets", "digits", "--seeds", "0"])  # a run replaces it
-  assert json.loads((tmp_path / "out" / "study.commands.json").read_text())["digits"] == {
+  assert json.loads((tmp_path / "out" / "study.commands.json").read_text())["digits"] == [{
       "command": "python experiments/study.py grid --datasets digits --seeds 0",
-      "split": "test", "suite": "standard"}
+      "split": "test", "suite": "standard", "rows": ["ard"]}]
+
+
+def test_a_call_for_some_rows_replaces_them_and_keeps_the_others_with_their_command():
+  def entry(command, rows, suite="standard"):
+    return {"command": command, "split": "test", "suite": suite, "rows": rows}
+  row = {"clean": [0.9]}
+  # A file from before rows were recorded: one command made every row.
+  everything = {"digits": {"teacher": row, "ard": row, "rslad": row},
+                "mnist5k": {"ard": {"clean": [0.1]}}}
+  commands = {"digits": {"command": "all", "split": "test", "suite": "standard"}}
+  # 'rslad' re-run: its new result and the teacher's replace theirs; ARD's row and command stay.
+  new = {"teacher": {"clean": [0.8]}, "rslad": {"clean": [0.5]}}
+  study.merge(everything, commands, "digits", new, entry("some", ["teacher", "rslad"]))
+  assert everything["digits"] == {"ard": row, **new} and everything["mnist5k"]["ard"]
+  assert commands["digits"] == [entry("all", ["ard"]), entry("some", ["teacher", "rslad"])]
+  assert "- `some`: teacher, rslad" in study.commands_line(commands["digits"])
+  # A planned row not evaluated yet is dropped, not left with another command's number.
+  study.merge(everything, commands, "digits", {}, entry("again", ["ard"]))
+  assert "ard" not in everything["digits"] and [e["command"] for e in commands["digits"]] == [
+      "some", "again"]
+  # Another AutoAttack version is another table: every earlier row goes.
+  study.merge(everything, commands, "digits", {"kd": row}, entry("fast", ["kd"], "fast"))
+  assert everything["digits"] == {"kd": row} and commands["digits"] == [entry("fast", ["kd"],
+                                                                              "fast")]
+  # A call that only rewrote the tables keeps the recorded command.
+  study.merge(everything, commands, "digits", {"kd": row}, entry("t", ["kd"], "fast"), ran=False)
+  assert commands["digits"] == [entry("fast", ["kd"], "fast")]
