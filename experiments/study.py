@@ -283,9 +283,7 @@ def merge(everything: dict, commands: dict, dataset: str, results: dict, entry: 
   method re-run after a change of its config updates its rows alone. Rows made with another split
   or suite go (they are not one table). A call that only rewrote the tables (`ran` False) keeps
   the recorded commands."""
-  previous = commands.get(dataset, [])
-  if isinstance(previous, dict):  # written when one command made every row of a dataset
-    previous = [{**previous, "rows": sorted(everything.get(dataset, {}))}]
+  previous = command_entries(commands, everything, dataset)
   if any((e["split"], e["suite"]) != (entry["split"], entry["suite"]) for e in previous):
     previous, everything[dataset] = [], {}
   rows = set(entry["rows"])
@@ -295,6 +293,15 @@ def merge(everything: dict, commands: dict, dataset: str, results: dict, entry: 
     previous = [{**e, "rows": [r for r in e["rows"] if r not in rows]} for e in previous]
     previous = [e for e in previous if e["rows"]] + [entry]
   commands[dataset] = previous
+
+
+def command_entries(commands: dict, everything: dict, dataset: str) -> list[dict]:
+  """The entries of `dataset` in `commands`; a file written when one command made every row of a
+  dataset holds a single entry without `rows`: it made all of them."""
+  entries = commands.get(dataset, [])
+  if isinstance(entries, dict):
+    return [{**entries, "rows": sorted(everything.get(dataset, {}))}]
+  return entries
 
 
 def commands_line(entries: list[dict]) -> str:
@@ -463,8 +470,8 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
   sections = []
   for dataset, results in everything.items():
     d = recipes.SMALL_DATA[dataset]
-    entries = commands.get(dataset) or [{"command": "(not recorded)", "split": split,
-                                         "suite": suite, "rows": list(results)}]
+    entries = command_entries(commands, everything, dataset) or [
+        {"command": "(not recorded)", "split": split, "suite": suite, "rows": list(results)}]
     made = entries[0]
     source = data.build(dataset, made["split"])
     sections.append(

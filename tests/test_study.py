@@ -170,6 +170,10 @@ def test_each_dataset_section_names_the_command_that_made_its_rows(tmp_path):
     return (tmp_path / "out" / "study.md").read_text()
 
   write("digits", ["grid", "--datasets", "digits", "--names", "a;b c"])
+  # A commands file from before rows were recorded (one command per dataset) still reads.
+  path = tmp_path / "out" / "study.commands.json"
+  path.write_text(json.dumps({"digits": {k: v for k, v in json.loads(path.read_text())[
+      "digits"][0].items() if k != "rows"}}))
   write("mnist5k", ["grid", "--datasets", "mnist5k"])
   markdown = write("digits", ["grid", "--datasets", "digits,mnist5k", "--names", "x"], ran=False)
   digits, mnist5k = markdown.split("## digits")[1].split("## mnist5k")
