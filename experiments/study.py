@@ -15,7 +15,9 @@ Results are merged into `--out` (default experiments/results): a second call for
 adds to `study.json` / `gacd_ablation.json`, a call for some methods of a dataset replaces their
 rows and keeps the others', and the tables and plots are rewritten from them; each dataset's
 section names the commands that made its rows (kept in `study.commands.json` /
-`gacd_ablation.commands.json`; `--tables-only` changes none).
+`gacd_ablation.commands.json`; `--tables-only` changes none). The json holds, per dataset and
+row, a list over seeds of each of 'clean', 'pgd20', 'autoattack' and 'autoattack/<attack>' (the
+accuracy left after that attack of AutoAttack's sequence), as fractions.
 Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an early stop leaves
 complete comparisons; the tables are rewritten after every run. The teachers are trained first and
 evaluated last (their AutoAttack is the slowest). `--shard K/N` runs every N-th run from the K-th
@@ -52,6 +54,7 @@ TEACHER_METHOD = "pgd_at"
 GRID_METHODS = ("natural", "kd", "crd", "pgd_at", "trades", "ard", "rslad", "iad", "adaad", "gacd",
                 "crdnd")
 METRICS = ("clean", "pgd20", "autoattack")
+STAGE = "autoattack/"  # prefix of a result key: accuracy after that attack of AutoAttack's sequence
 
 # GACD's ablation starts from the reconstruction as METHODS.md section 3 defines it (GACD's
 # default before this study chose another), fixed so that the ablation does not move when
@@ -92,6 +95,13 @@ GACD_VARIANTS: dict[str, dict[str, Any]] = {
                                           "ce_weight": 0.0, "reweighting": "none"},
     "attack=kl +kl -ce, infonce": {"attack_objective": "kl", "kl_weight": 1.0, "ce_weight": 0.0,
                                    "estimator": "infonce"},
+    # the components of that combination (GACD's default) removed one at a time: its guided
+    # (KL) attack, its reweighting ('no contrastive' above is the third)
+    "attack=ce +kl -ce, infonce": {"attack_objective": "ce", "kl_weight": 1.0, "ce_weight": 0.0,
+                                   "estimator": "infonce"},
+    "attack=kl +kl -ce, infonce, no reweighting": {"attack_objective": "kl", "kl_weight": 1.0,
+                                                   "ce_weight": 0.0, "estimator": "infonce",
+                                                   "reweighting": "none"},
 }
 
 
@@ -232,6 +242,19 @@ def results_table(results: dict[str, dict[str, list[float]]],
   return report.markdown_table(rows)
 
 
+def stages_table(results: dict[str, dict[str, list[float]]]) -> str:
+  """Robust accuracy after each attack of AutoAttack's sequence (each attacks what the ones before
+  left standing, so the last column is the AutoAttack accuracy), beside PGD-20: which attack
+  finds what PGD-20 misses. '' when no row has them."""
+  stages = list(dict.fromkeys(k for r in results.values() for k in r if k.startswith(STAGE)))
+  if not stages:
+    return ""
+  rows = [{"": name, "PGD-20": format_cell(r.get("pgd20", [])),
+           **{f"after {k[len(STAGE):]}": format_cell(r.get(k, [])) for k in stages}}
+          for name, r in in_order(results).items() if any(k in r for k in stages)]
+  return report.markdown_table(rows)
+
+
 def selected_variant(results: dict[str, dict[str, list[float]]]) -> str:
   """The variant with the highest mean AutoAttack accuracy among those that keep a contrastive
   term (without one it is not GACD)."""
@@ -321,6 +344,9 @@ def collect(runs: list[Run], stored: dict[pathlib.Path, dict]) -> dict[str, dict
     for m in METRICS:
       if m in accuracy:
         entry[m].append(accuracy[m])
+    after = stored[run.workdir].get("autoattack", {}).get("accuracy_after", {})
+    for attack, value in after.items():
+      entry.setdefault(STAGE + attack, []).append(value)
   return out
 
 
@@ -480,6 +506,10 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
         f"`{made['suite']}`; students small_cnn width {d.student_width}, teacher width "
         f"{d.teacher_width}; {d.epochs} epochs. Accuracy (%), mean ± std over seeds (sample std; "
         f"a single value is one seed).\n\n{results_table(results)}\n")
+    if stages := stages_table(results):
+      sections.append("Robust accuracy (%) after each attack of AutoAttack's sequence (each "
+                      "attacks only the images the attacks before it left robust; the last "
+                      f"column is the AutoAttack accuracy), beside PGD-20:\n\n{stages}\n")
     sections.append((selection_note(results) if kind == "ablation" else target_check(results))
                     + "\n")
     report.plot_bars({name: {m: [100 * v for v in r.get(m, [])] for m in METRICS}

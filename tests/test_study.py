@@ -212,3 +212,25 @@ def test_a_call_for_some_rows_replaces_them_and_keeps_the_others_with_their_comm
   # A call that only rewrote the tables keeps the recorded command.
   study.merge(everything, commands, "digits", {"kd": row}, entry("t", ["kd"], "fast"), ran=False)
   assert commands["digits"] == [entry("fast", ["kd"], "fast")]
+
+
+def test_the_stages_of_autoattack_are_kept_per_seed_and_tabled_beside_pgd20(tmp_path):
+  stored, runs = {}, []
+  for seed, (apgd, square) in enumerate([(0.30, 0.20), (0.40, 0.30)]):
+    run = study.Run("mnist5k", seed, "trades", None, tmp_path / f"trades{seed}")
+    runs.append(run)
+    stored[run.workdir] = {
+        "accuracy": {"clean": 0.8, "pgd20": 0.5, "autoattack": square},
+        "autoattack": {"accuracy_after": {"apgd-ce": apgd, "square": square}}}
+  old = study.Run("mnist5k", 0, "ard", None, tmp_path / "ard0")  # an eval without the stages
+  runs.append(old)
+  stored[old.workdir] = {"accuracy": {"clean": 0.9, "pgd20": 0.4, "autoattack": 0.3}}
+  results = study.collect(runs, stored)
+  assert results["trades"]["autoattack/apgd-ce"] == [0.30, 0.40]
+  assert results["trades"]["autoattack/square"] == [0.20, 0.30]
+  table = study.stages_table(results)
+  header = table.splitlines()[0]
+  assert header.index("PGD-20") < header.index("after apgd-ce") < header.index("after square")
+  assert "| trades " in table and "35.0 ± 7.1" in table and "25.0 ± 7.1" in table
+  assert "ard" not in table  # no stages recorded: no row
+  assert study.stages_table({"ard": results["ard"]}) == ""
