@@ -222,7 +222,7 @@ def probe_config(student_dataset: str, image_size: int, seed: int) -> ConfigDict
 
 def run_probes(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str],
                seeds: list[int], names: list[str], max_examples: int,
-               settings: probe.ProbeSettings) -> tuple[dict, list[str]]:
+               settings: probe.ProbeSettings, progress: bool) -> tuple[dict, list[str]]:
   """`({dataset: {name: {'seeds', 'clean', 'pgd20', 'pgd20_half_eps', 'train_accuracy':
   [per seed]}}}, skipped)`."""
   results, skipped = {}, []
@@ -245,7 +245,8 @@ def run_probes(study_root: pathlib.Path, root: pathlib.Path, datasets: list[str]
             c.eval.eps *= fraction
             c.eval.pgd_step_size *= fraction
             # The probe is the same each time (deterministic); only the attack differs.
-            result = probe.run_probe(str(run), c, str(out / key), settings, attacks=PROBE_ATTACKS)
+            result = probe.run_probe(str(run), c, str(out / key), settings, attacks=PROBE_ATTACKS,
+                                     progress=progress)
             values.update(train_accuracy=result["train_accuracy"],
                           clean=result["accuracy"]["clean"])
             values[key] = result["accuracy"]["pgd20"]
@@ -549,7 +550,7 @@ def main(argv: Optional[list[str]] = None) -> None:
   elif args.kind == "probe":
     settings = probe.ProbeSettings(steps=args.probe_steps)
     results, skipped = run_probes(study_root, root, datasets, seeds, names, args.max_examples,
-                                  settings)
+                                  settings, progress=not args.no_progress)
     markdown = write_probe(out, results, skipped, argv, study_root, seeds, settings)
   else:
     results, switches = run_crosstask(root, datasets, seeds, tuple(names),

@@ -291,6 +291,7 @@ def _define_probe():
   flags.DEFINE_float("weight_decay", 1e-4, "the probe's decoupled weight decay")
   flags.DEFINE_integer("train_batch_size", 1024, "the probe's minibatch (whole split if smaller)")
   flags.DEFINE_list("attacks", ["clean", "fgsm", "pgd20", "cw"], "attacks to evaluate with")
+  flags.DEFINE_bool("progress", True, "show progress bars")
 
 
 def _run_probe():
@@ -299,7 +300,8 @@ def _run_probe():
   f = flags.FLAGS
   settings = probe.ProbeSettings(steps=f.train_steps, learning_rate=f.learning_rate,
                                  weight_decay=f.weight_decay, batch_size=f.train_batch_size)
-  probe.run_probe(f.workdir, _required_config(), f.out, settings, attacks=f.attacks)
+  probe.run_probe(f.workdir, _required_config(), f.out, settings, attacks=f.attacks,
+                  progress=f.progress)
   print((pathlib.Path(f.out) / "probe.md").read_text())
 
 

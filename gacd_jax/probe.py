@@ -146,12 +146,14 @@ def train_probe(features: np.ndarray, labels: np.ndarray, num_classes: int,
 
 def run_probe(workdir: str, config: ConfigDict, out_dir: str,
               settings: ProbeSettings = ProbeSettings(),
-              attacks: Sequence[str] = tuple(evaluate.ATTACK_LABELS)) -> dict[str, Any]:
+              attacks: Sequence[str] = tuple(evaluate.ATTACK_LABELS),
+              progress: bool = True) -> dict[str, Any]:
   """Probe the frozen features of the run in `workdir` on `config.data` and attack end to end.
 
   The probe trains on the train split of `config.data` and is evaluated on its test split under
   `attacks` (names of `evaluate.ATTACK_LABELS`) with `config.eval` (eps, steps, max_examples).
-  Writes `probe.json` and `probe.md` into `out_dir`.
+  Writes `probe.json` and `probe.md` into `out_dir`; a progress bar per attack unless not
+  `progress`.
 
   Returns:
     What `probe.json` holds: the run, both datasets, the settings, `train_accuracy` and
@@ -177,7 +179,7 @@ def run_probe(workdir: str, config: ConfigDict, out_dir: str,
   name = pathlib.Path(workdir).name
   accuracy, seconds = evaluate.evaluate_model(
       end_to_end(module), {"backbone": variables, "probe": probe_params}, test_source,
-      eval_settings, names=tuple(attacks), desc=f"probe {name}")
+      eval_settings, names=tuple(attacks), desc=f"probe {name}" if progress else None)
 
   run_config = checkpoints.read_config(workdir)
   result = {

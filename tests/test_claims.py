@@ -99,7 +99,9 @@ def test_structure_and_probe_over_seeds(tiny_study, monkeypatch, capsys):
   assert cache.stat().st_mtime_ns == stamp
 
   # The probe: the digits students on mnist5k shrunk to 8x8.
+  capsys.readouterr()
   claims.main(["probe", *common, "--max-examples", "32", "--probe-steps", "20"])
+  assert "probe gacd" not in capsys.readouterr().err  # --no-progress: no bars
   everything = json.loads((out / "claims_probe.json").read_text())
   per_name = everything["results"]["digits"]
   assert set(per_name) == {"gacd", "ard"} and per_name["gacd"]["seeds"] == [0, 1]
