@@ -264,12 +264,24 @@ def selected_variant(results: dict[str, dict[str, list[float]]]) -> str:
   return max(candidates, key=candidates.get)
 
 
+def default_variant() -> Optional[str]:
+  """The variant whose switches are the shipped `DEFAULTS['gacd']` (None if none is)."""
+  default = gacd_lib.DEFAULTS["gacd"]
+  for name, switches in GACD_VARIANTS.items():
+    if all(default[k] == v for k, v in {**ABLATION_BASE, **switches}.items()):
+      return name
+  return None
+
+
 def selection_note(results: dict[str, dict[str, list[float]]]) -> str:
-  best = selected_variant(results)
+  best, default = selected_variant(results), default_variant()
   switches = ", ".join(f"{k}={v!r}" for k, v in GACD_VARIANTS[best].items())
-  return (f"Selected by the highest mean AutoAttack accuracy among the variants that keep a "
-          f"contrastive term: **{best}** ({switches} on top of METHODS.md §3). Rows without "
-          "the contrastive term are the component ablation, not candidates.")
+  shipped = ("the same" if best == default else
+             f"**{default}**" if default else "none of these")
+  return (f"Highest mean AutoAttack accuracy among the variants here that keep a contrastive "
+          f"term: **{best}** ({switches} on top of METHODS.md §3); the shipped default "
+          f"(`DEFAULTS['gacd']`): {shipped}. Rows without the contrastive term are the component "
+          "ablation, not candidates.")
 
 
 def target_check(results: dict[str, dict[str, list[float]]]) -> str:

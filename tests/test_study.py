@@ -100,8 +100,22 @@ def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_ter
       "attack=ce, infonce": {"autoattack": [0.62, 0.62]},
   }
   assert study.selected_variant(results) == "attack=ce, infonce"
-  assert "**attack=ce, infonce** (attack_objective='ce', estimator='infonce'" in (
-      study.selection_note(results))
+  note = study.selection_note(results)
+  assert "**attack=ce, infonce** (attack_objective='ce', estimator='infonce'" in note
+  assert "the shipped default (`DEFAULTS['gacd']`): **attack=kl +kl -ce, infonce**" in note
+  results["attack=kl +kl -ce, infonce"] = {"autoattack": [0.7, 0.7]}
+  assert "the shipped default (`DEFAULTS['gacd']`): the same" in study.selection_note(results)
+
+
+def test_the_default_variant_is_the_shipped_gacd_default():
+  name = study.default_variant()
+  config = {**study.ABLATION_BASE, **study.GACD_VARIANTS[name]}
+  assert all(study.gacd_lib.DEFAULTS["gacd"][k] == v for k, v in config.items())
+  # Exactly one variant is the default.
+  others = [v for v in study.GACD_VARIANTS if v != name
+            and all(study.gacd_lib.DEFAULTS["gacd"][k] == value
+                    for k, value in {**study.ABLATION_BASE, **study.GACD_VARIANTS[v]}.items())]
+  assert not others
 
 
 def test_the_target_check_compares_gacd_with_the_better_of_ard_and_rslad():
