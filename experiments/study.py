@@ -255,6 +255,31 @@ def stages_table(results: dict[str, dict[str, list[float]]]) -> str:
   return report.markdown_table(rows)
 
 
+def paired_table(results: dict[str, dict[str, list]], reference: str) -> str:
+  """Each row minus `reference`, seed by seed (the same seed trains from the same teacher and
+  data order, so their difference is free of the teacher-to-teacher spread): mean ± sample std
+  of the differences in points, over the seeds both have. '' when `reference` has no seeds."""
+  if not results.get(reference, {}).get("seeds"):
+    return ""
+  ref = results[reference]
+  rows = []
+  for name, r in in_order(results).items():
+    if name in ("teacher", reference) or not r.get("seeds"):
+      continue
+    both = [s for s in r["seeds"] if s in ref["seeds"]]
+    if not both:
+      continue
+    row = {"": name}
+    for metric, label in (("clean", "clean"), ("autoattack", "AutoAttack")):
+      diff = [100 * (r[metric][r["seeds"].index(s)] - ref[metric][ref["seeds"].index(s)])
+              for s in both]
+      mean, std = mean_std(diff)
+      row[f"{label} − {reference}"] = (f"{mean:+.1f} ± {std:.1f}" if len(diff) > 1
+                                       else f"{mean:+.1f}")
+    rows.append({**row, "seeds": str(len(both))})
+  return report.markdown_table(rows) if rows else ""
+
+
 def selected_variant(results: dict[str, dict[str, list[float]]]) -> str:
   """The variant with the highest mean AutoAttack accuracy among those that keep a contrastive
   term (without one it is not GACD)."""
@@ -348,11 +373,13 @@ def commands_line(entries: list[dict]) -> str:
 
 
 def collect(runs: list[Run], stored: dict[pathlib.Path, dict]) -> dict[str, dict[str, list[float]]]:
-  """`{run name: {metric: [per seed, in seed order]}}` of the runs evaluated so far."""
+  """`{run name: {metric: [per seed, in seed order], 'seeds': [those seeds]}}` of the runs
+  evaluated so far."""
   out: dict[str, dict[str, list[float]]] = {}
   for run in sorted((r for r in runs if r.workdir in stored), key=lambda r: r.seed):
     accuracy = stored[run.workdir]["accuracy"]
-    entry = out.setdefault(run.name, {m: [] for m in METRICS})
+    entry = out.setdefault(run.name, {m: [] for m in METRICS} | {"seeds": []})
+    entry["seeds"].append(run.seed)
     for m in METRICS:
       if m in accuracy:
         entry[m].append(accuracy[m])
@@ -522,6 +549,10 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
       sections.append("Robust accuracy (%) after each attack of AutoAttack's sequence (each "
                       "attacks only the images the attacks before it left robust; the last "
                       f"column is the AutoAttack accuracy), beside PGD-20:\n\n{stages}\n")
+    if kind == "ablation" and (paired := paired_table(results, default_variant() or "")):
+      sections.append("Each variant minus the shipped default, seed by seed (same teacher and "
+                      "data order), mean ± std of the differences in points:\n\n"
+                      f"{paired}\n")
     sections.append((selection_note(results) if kind == "ablation" else target_check(results))
                     + "\n")
     report.plot_bars({name: {m: [100 * v for v in r.get(m, [])] for m in METRICS}

@@ -83,6 +83,7 @@ def test_tables_report_the_mean_and_sample_std_over_seeds(tmp_path):
   unfinished = study.Run("digits", 0, "rslad", None, tmp_path / "rslad0")  # not evaluated yet
   results = study.collect(runs[::-1] + [unfinished], stored)  # seed order is restored
   assert results["ard"]["autoattack"] == [0.5, 0.6, 0.7] and "rslad" not in results
+  assert results["ard"]["seeds"] == [0, 1, 2]
   mean, std = study.mean_std([100 * v for v in values["gacd"]])
   assert mean == pytest.approx(45.0) and std == pytest.approx(np.std([40, 45, 50], ddof=1))
   table = study.results_table(results)
@@ -105,6 +106,26 @@ def test_the_selection_takes_the_best_mean_among_variants_with_a_contrastive_ter
   assert "the shipped default (`DEFAULTS['gacd']`): **attack=kl +kl -ce, infonce**" in note
   results["attack=kl +kl -ce, infonce"] = {"autoattack": [0.7, 0.7]}
   assert "the shipped default (`DEFAULTS['gacd']`): the same" in study.selection_note(results)
+
+
+def test_the_paired_table_subtracts_the_reference_seed_by_seed():
+  results = {
+      "teacher": {"seeds": [0, 1, 2], "clean": [0.9] * 3, "autoattack": [0.6] * 3},
+      "ref": {"seeds": [0, 1, 2], "clean": [0.80, 0.70, 0.90], "autoattack": [0.30, 0.20, 0.40]},
+      # seed 2 missing, seed 3 not in the reference: only seeds 0 and 1 pair up
+      "a": {"seeds": [0, 1, 3], "clean": [0.85, 0.70, 0.10], "autoattack": [0.35, 0.30, 0.0]},
+      "b": {"seeds": [2], "clean": [0.80], "autoattack": [0.30]},
+      "old": {"clean": [0.5], "autoattack": [0.1]},  # stored before seeds were: left out
+  }
+  table = study.paired_table(results, "ref")
+  rows = {line.split("|")[1].strip(): line for line in table.splitlines()[2:]}
+  assert set(rows) == {"a", "b"}  # not the teacher, the reference or a row without seeds
+  clean_a = np.array([85.0, 70.0]) - np.array([80.0, 70.0])
+  aa_a = np.array([35.0, 30.0]) - np.array([30.0, 20.0])
+  assert f"{clean_a.mean():+.1f} ± {clean_a.std(ddof=1):.1f}" in rows["a"]
+  assert f"{aa_a.mean():+.1f} ± {aa_a.std(ddof=1):.1f}" in rows["a"]
+  assert "-10.0 " in rows["b"] and "| 1 " in rows["b"]  # one pair: the difference alone
+  assert study.paired_table(results, "old") == "" and study.paired_table(results, "x") == ""
 
 
 def test_the_default_variant_is_the_shipped_gacd_default():
