@@ -274,7 +274,7 @@ def paired_table(results: dict[str, dict[str, list]], reference: str) -> str:
       diff = [100 * (r[metric][r["seeds"].index(s)] - ref[metric][ref["seeds"].index(s)])
               for s in both]
       mean, std = mean_std(diff)
-      row[f"{label} − {reference}"] = (f"{mean:+.1f} ± {std:.1f}" if len(diff) > 1
+      row[f"{label} − reference"] = (f"{mean:+.1f} ± {std:.1f}" if len(diff) > 1
                                        else f"{mean:+.1f}")
     rows.append({**row, "seeds": str(len(both))})
   return report.markdown_table(rows) if rows else ""
@@ -550,8 +550,9 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
                       "attacks only the images the attacks before it left robust; the last "
                       f"column is the AutoAttack accuracy), beside PGD-20:\n\n{stages}\n")
     if kind == "ablation" and (paired := paired_table(results, default_variant() or "")):
-      sections.append("Each variant minus the shipped default, seed by seed (same teacher and "
-                      "data order), mean ± std of the differences in points:\n\n"
+      sections.append(f"Each variant minus the reference, the shipped default "
+                      f"(**{default_variant()}**), seed by seed (same teacher and data order), "
+                      "mean ± std of the differences in points:\n\n"
                       f"{paired}\n")
     sections.append((selection_note(results) if kind == "ablation" else target_check(results))
                     + "\n")
