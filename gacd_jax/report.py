@@ -65,7 +65,8 @@ def plot_bars(groups: dict[str, dict[str, Sequence[float]]], path: str | os.Path
   if title:
     ax.set_title(title)
   ax.grid(alpha=0.3, axis="y")
-  ax.legend()
+  # Beside the axes, not over the bars.
+  ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
   fig.tight_layout()
   fig.savefig(path)
   plt.close(fig)
