@@ -70,7 +70,7 @@ from gacd_jax import sharding
 from gacd_jax.autoattack.apgd import (APGD_LOSSES, apgd, apgd_checkpoints, apgd_loops,
                                       apgd_program)
 from gacd_jax.autoattack.batched import (_HOST_LOOP_ATTACKS, _Predict, _WithParams,
-                                        _batch_attack, _batches, bucket)
+                                        _batch_attack, _batches, _jitted, bucket)
 from gacd_jax.autoattack.checks import (AutoAttackWarning, check_n_classes, check_randomized,
                                         check_range_output, check_square_success,
                                         check_zero_gradients)
@@ -231,7 +231,7 @@ def evaluate(apply_fn: Callable, x, y, *, params=None, eps: float = 8 / 255, nor
   fn = _WithParams(apply_fn, randomized, params is not None)
   batch_sharding = sharding.batch_sharding(mesh)
   params = jax.device_put(params, sharding.replicated(mesh))
-  model: Model = functools.partial(fn, params)
+  model: Model = functools.partial(_jitted(fn), params)  # for the checks
   n = len(x)
 
   # The official checks, on the first batch.

@@ -59,6 +59,14 @@ class _WithParams:
     return self.apply_fn(*args, key) if self.randomized else self.apply_fn(*args)
 
 
+@evaluator.cache_if_hashable(maxsize=32)
+def _jitted(fn: _WithParams) -> Callable:
+  """`fn` compiled, one per equal model function: the official checks' forward and gradient
+  passes, run op by op, cost seconds per `evaluate` call on a CPU (6.4 s of 60 for APGD-CE on
+  32 CIFAR images with a ResNet-18)."""
+  return jax.jit(fn)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Predict:
   """The predicted class of each example of a batch (`evaluator.map_batches`' function)."""
