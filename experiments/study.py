@@ -17,7 +17,7 @@ rows and keeps the others', and the tables and plots are rewritten from them; ea
 section names the commands that made its rows (kept in `study.commands.json` /
 `gacd_ablation.commands.json`; `--tables-only` changes none). The json holds, per dataset and
 row, a list over seeds of each of 'clean', 'pgd20', 'autoattack' and 'autoattack/<attack>' (the
-accuracy left after that attack of AutoAttack's sequence), as fractions.
+accuracy left after that attack of AutoAttack's sequence), as fractions, and 'seeds' (which).
 Runs go seed by seed (every method of seed 0, then of seed 1, ...), so an early stop leaves
 complete comparisons; the tables are rewritten after every run. The teachers are trained first and
 evaluated last (their AutoAttack is the slowest). `--shard K/N` runs every N-th run from the K-th
@@ -549,9 +549,10 @@ def write_results(kind: str, out: pathlib.Path, datasets: list[str], teachers: l
       sections.append("Robust accuracy (%) after each attack of AutoAttack's sequence (each "
                       "attacks only the images the attacks before it left robust; the last "
                       f"column is the AutoAttack accuracy), beside PGD-20:\n\n{stages}\n")
-    if kind == "ablation" and (paired := paired_table(results, default_variant() or "")):
+    reference = default_variant() or ""
+    if kind == "ablation" and (paired := paired_table(results, reference)):
       sections.append(f"Each variant minus the reference, the shipped default "
-                      f"(**{default_variant()}**), seed by seed (same teacher and data order), "
+                      f"(**{reference}**), seed by seed (same teacher and data order), "
                       "mean ± std of the differences in points:\n\n"
                       f"{paired}\n")
     sections.append((selection_note(results) if kind == "ablation" else target_check(results))
