@@ -58,7 +58,7 @@ def run(workdir: str, *, smoke: bool = False, progress: bool = True) -> str:
   results = {}
   for name, cfg in configs.items():
     train.train(cfg, str(root / name), overwrite=True, progress=progress)
-    results[name] = evaluate.evaluate_run(cfg, str(root / name), curve=True)
+    results[name] = evaluate.evaluate_run(cfg, str(root / name), curve=True, progress=progress)
   minutes = (time.perf_counter() - tic) / 60
 
   rows = [{"model": name, "method": configs[name].method.name,

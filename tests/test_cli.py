@@ -116,6 +116,7 @@ def test_train_resume_and_evaluate(tmp_path, teacher_dir):
 def test_demo_smoke_run(tmp_path):
   proc = helpers.run_cli("demo", f"--workdir={tmp_path}", "--smoke", "--noprogress")
   assert proc.returncode == 0, proc.stderr
+  assert "teacher_pgd_at PGD-20" not in proc.stderr  # --noprogress: no evaluation bars either
   report = (tmp_path / "report.md").read_text()
   for name in ("teacher_pgd_at", "student_natural", "student_ard", "student_gacd", "PGD-20",
                "CW-inf"):
