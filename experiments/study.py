@@ -280,20 +280,25 @@ def paired_table(results: dict[str, dict[str, list]], reference: str) -> str:
   return report.markdown_table(rows) if rows else ""
 
 
+def variant_switches(name: str) -> dict[str, Any]:
+  """GACD's switches in the ablation's variant `name`: METHODS.md section 3 with its changes."""
+  return {**ABLATION_BASE, **GACD_VARIANTS[name]}
+
+
 def selected_variant(results: dict[str, dict[str, list[float]]]) -> str:
   """The variant with the highest mean AutoAttack accuracy among those that keep a contrastive
   term (without one it is not GACD)."""
   candidates = {name: np.mean(r["autoattack"]) for name, r in results.items()
                 if name in GACD_VARIANTS and r.get("autoattack")
-                and {**ABLATION_BASE, **GACD_VARIANTS[name]}["contrastive_weight"] > 0}
+                and variant_switches(name)["contrastive_weight"] > 0}
   return max(candidates, key=candidates.get)
 
 
 def default_variant() -> Optional[str]:
   """The variant whose switches are the shipped `DEFAULTS['gacd']` (None if none is)."""
   default = gacd_lib.DEFAULTS["gacd"]
-  for name, switches in GACD_VARIANTS.items():
-    if all(default[k] == v for k, v in {**ABLATION_BASE, **switches}.items()):
+  for name in GACD_VARIANTS:
+    if all(default[k] == v for k, v in variant_switches(name).items()):
       return name
   return None
 
@@ -399,7 +404,7 @@ def plan(kind: str, root: pathlib.Path, datasets: list[str], seeds: list[int],
   if kind == "grid":
     students = [student_run(root, d, s, m) for d in datasets for s in seeds for m in names]
   else:
-    students = [student_run(root, d, s, "gacd", {**ABLATION_BASE, **GACD_VARIANTS[v]}, name=v)
+    students = [student_run(root, d, s, "gacd", variant_switches(v), name=v)
                 for d in datasets for s in seeds for v in names]
   for run in teachers + students:
     run.config.eval.split = split
