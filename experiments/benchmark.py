@@ -24,6 +24,10 @@ Work items (`--only`, comma-separated), on synthetic CIFAR-shaped data:
   input_pipeline  not a step: images/s delivered to the device from each stored data format and
               the train loop's share of time waiting for data (`experiments/input_pipeline.py`;
               `--input-examples` images, `--batch` a step; its own table)
+  autoattack  not a step, and only when named: AutoAttack's wall time against pyautoattack on
+              the same ResNet-18 and digits model, interleaved, compile time apart, and one
+              input-gradient step on both sides (`experiments/autoattack_speed.py`, which writes
+              `experiments/results/autoattack_speed.md`; its own table)
 Both sides use the same weights (converted with torch_convert) and do the same math; the JAX step's
 augmentation is off (the PyTorch side would augment in its data loader).
 
@@ -94,7 +98,9 @@ from gacd_jax.methods import gacd as gacd_lib
 from gacd_jax.methods import InitInfo
 
 WORKS = ("gacd_step", "ard_step", "rslad_step", "train_step", "pgd10", "forward",
-         "input_pipeline")
+         "input_pipeline", "autoattack")
+# Not run unless named: tens of minutes, and it needs pyautoattack.
+NOT_BY_DEFAULT = ("autoattack",)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -439,8 +445,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
   parser.add_argument("--warmup", type=int, default=1)
   parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
                       help="CPUs for both frameworks (default: all this process may use)")
-  parser.add_argument("--only", default=",".join(WORKS),
-                      help=f"comma-separated work items among {', '.join(WORKS)}")
+  parser.add_argument("--only", default=",".join(w for w in WORKS if w not in NOT_BY_DEFAULT),
+                      help=f"comma-separated work items among {', '.join(WORKS)} (default all "
+                           f"but {', '.join(NOT_BY_DEFAULT)})")
   parser.add_argument("--jax-only", action="store_true", help="skip the PyTorch side")
   parser.add_argument("--cache", default="", help="JAX's persistent compilation cache directory")
   parser.add_argument("--input-examples", type=int, default=10000,
@@ -462,6 +469,12 @@ def main(argv: Optional[list[str]] = None) -> None:
   torch.set_num_threads(args.threads)
   runtime.enable_compilation_cache(args.cache or None)
   works = args.only.split(",")
+  if "autoattack" in works:
+    works.remove("autoattack")
+    from experiments import autoattack_speed  # pylint: disable=g-import-not-at-top
+    autoattack_speed.main(["--threads", str(args.threads), "--cache", args.cache])
+    if not works:
+      return
   if "input_pipeline" in works:
     works.remove("input_pipeline")
     print_input_pipeline(args, argv)

@@ -74,3 +74,73 @@ def test_input_pipeline_leaves_out_tfds_without_tensorflow_and_says_so(monkeypat
   monkeypatch.setattr(input_pipeline, "FORMATS", ("tfds",))  # nothing left to measure
   assert input_pipeline.run(num_examples=8, batch=4) == []
   assert "tfds: not measured (writing it needs TensorFlow" in capsys.readouterr().out
+
+
+def _tiny_speed_model(n: int = 6):
+  """`autoattack_speed.Model`: a random small_cnn, the same weights in both frameworks."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from experiments import autoattack_speed  # pylint: disable=g-import-not-at-top
+  from experiments.pytorch_baseline import models as torch_models  # pylint: disable=g-import-not-at-top
+  from gacd_jax import models  # pylint: disable=g-import-not-at-top
+  from gacd_jax import torch_convert  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  net = torch_models.build("small_cnn", 10, width=4)
+  state = {k: v.detach().numpy() for k, v in net.state_dict().items()}
+  variables = torch_convert.torch_to_flax("small_cnn", state, 10, width=4)
+  module = models.build("small_cnn", 10, width=4)
+  x = np.random.default_rng(0).uniform(0, 1, (n, 16, 16, 3)).astype(np.float32)
+  return autoattack_speed.Model(torch_models.LogitsOnly(net),
+                                lambda: lambda v, images: module.apply(v, images, train=False)[0],
+                                variables, x, np.arange(n) % 10)
+
+
+def test_autoattack_speed_interleaves_the_packages_and_divides_their_medians(monkeypatch):
+  """gacd_jax's first call (with a function it has not compiled), then pyautoattack and
+  gacd_jax in turn; compile = first call minus the later median."""
+  from experiments import autoattack_speed  # pylint: disable=g-import-not-at-top
+  calls, functions = [], []
+  ours_seconds, theirs_seconds = iter([10.0, 4.0, 6.0]), iter([8.0, 12.0])
+
+  def ours(apply_fn, variables, x, y, row):
+    calls.append("ours")
+    functions.append(apply_fn)
+    return 0.5, next(ours_seconds)
+
+  def official(net, x, y, row):
+    calls.append("official")
+    assert len(x) == row.examples
+    return 0.25, next(theirs_seconds)
+
+  monkeypatch.setattr(autoattack_speed, "ours", ours)
+  monkeypatch.setattr(autoattack_speed, "official", official)
+  model = _tiny_speed_model()
+  row = autoattack_speed.Row("t", "digits", "custom", ("apgd-ce",), 4, 0.1)
+  result = autoattack_speed.time_row(model, row, repeats=2)
+  assert calls == ["ours", "official", "ours", "official", "ours"]
+  assert len({id(f) for f in functions}) == 1  # later calls reuse the first call's compilation
+  assert result["images"] == "4" and result["gacd_jax first call s"] == "10.0"
+  assert result["of which compile"] == "5.0"
+  assert result["gacd_jax later s"] == "5.0 (4.0-6.0)"
+  assert result["pyautoattack s"] == "10.0 (8.0-12.0)"
+  assert result["speed-up incl. compile"] == "1.00x" and result["speed-up steady"] == "2.00x"
+  assert result["robust %, gacd_jax / pyautoattack"] == "50.0 / 25.0"
+
+
+def test_autoattack_speed_times_the_same_gradient_on_both_sides():
+  from experiments import autoattack_speed  # pylint: disable=g-import-not-at-top
+  row = autoattack_speed.time_gradient_step(_tiny_speed_model(), "tiny", batch=8, repeats=2,
+                                            steps=1)
+  assert row["batch"] == "8"
+  assert float(row["gradient difference (max, relative)"]) < 1e-4
+  for key in ("gacd_jax ms/step", "PyTorch ms/step"):
+    assert float(row[key].split()[0]) > 0, key
+
+
+def test_benchmark_runs_the_autoattack_speed_table_only_when_named(monkeypatch):
+  from experiments import autoattack_speed  # pylint: disable=g-import-not-at-top
+  monkeypatch.setenv("XLA_FLAGS", "")
+  seen = []
+  monkeypatch.setattr(autoattack_speed, "main", seen.append)
+  assert "autoattack" not in benchmark.parse_args([]).only.split(",")
+  benchmark.main(["--only=autoattack", "--cache="])
+  assert len(seen) == 1 and seen[0][:2] == ["--threads", str(benchmark.parse_args([]).threads)]
