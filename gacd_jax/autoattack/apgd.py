@@ -93,26 +93,23 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
   window[np.asarray(checkpoints) - 1] = np.diff([0] + checkpoints)
   is_checkpoint, window = jnp.asarray(is_checkpoint), jnp.asarray(window)
 
+  # The loop is rotated so that every model evaluation happens in `body`: step j evaluates the
+  # point the previous step made (j = 0: the random start, which the algorithm's initialisation
+  # evaluates), updates the bookkeeping, then makes the next point. The first evaluation thus
+  # compiles with the others, not in a program of its own; the arithmetic is the algorithm's.
   def init():
-    run_targets = targets()
     x_adv = random_start(keys, x, eps, norm)
-    value, logits, grad = loss_and_grad(x_adv, run_targets, jax.random.fold_in(model_key, n_iter))
-    fooled = argmax_differs(logits, y)
-    step_size = jnp.full(x.shape[:1], 2.0 * eps, x.dtype)
+    zeros = jnp.zeros(x.shape[:1], x.dtype)
     return dict(
-        targets=run_targets, x_adv=x_adv, x_prev=x_adv, grad=grad, value=value,
-        x_best=x_adv, grad_best=grad, value_best=value, x_best_adv=x_adv, fooled=fooled,
-        step_size=step_size, n_increase=jnp.zeros_like(value),
-        value_best_at_check=value, reduced_at_check=jnp.ones_like(fooled))
+        targets=targets(), x_eval=x_adv, x_adv=x_adv, x_prev=x_adv, grad=jnp.zeros_like(x_adv),
+        value=zeros, x_best=x_adv, grad_best=jnp.zeros_like(x_adv), value_best=zeros,
+        x_best_adv=x_adv, fooled=jnp.zeros(x.shape[:1], bool),
+        step_size=jnp.full(x.shape[:1], 2.0 * eps, x.dtype), n_increase=zeros,
+        value_best_at_check=zeros, reduced_at_check=jnp.ones(x.shape[:1], bool))
 
-  def body(_, i, s):
-    # Momentum 0.75 on the projected step, none on the first step.
-    a = jnp.where(i > 0, 0.75, 1.0)
-    z = project(s["x_adv"] + expand(s["step_size"], ndim) * direction(s["grad"]), x, eps, norm)
-    x_new = project(s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
-                     x, eps, norm)
-    value, logits, grad = loss_and_grad(x_new, s["targets"], jax.random.fold_in(model_key, i))
-
+  def evaluated(i, s, x_new, value, logits, grad):
+    """The state after evaluating `x_new`, made by step i - 1 of Algorithm 1 (i >= 1)."""
+    i = jnp.maximum(i - 1, 0)
     wrong = argmax_differs(logits, y)
     x_best_adv = jnp.where(expand(wrong & ~s["fooled"], ndim), x_new, s["x_best_adv"])
     improved = value > s["value_best"]
@@ -129,14 +126,34 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
                      | (~s["reduced_at_check"] & (s["value_best_at_check"] >= value_best)))
     back = expand(halve, ndim)
     return dict(
-        targets=s["targets"], x_adv=jnp.where(back, x_best, x_new), x_prev=s["x_adv"],
-        grad=jnp.where(back, grad_best, grad), value=value,
+        targets=s["targets"], x_eval=x_new, x_adv=jnp.where(back, x_best, x_new),
+        x_prev=s["x_adv"], grad=jnp.where(back, grad_best, grad), value=value,
         x_best=x_best, grad_best=grad_best, value_best=value_best, x_best_adv=x_best_adv,
         fooled=s["fooled"] | wrong,
         step_size=jnp.where(halve, s["step_size"] / 2, s["step_size"]),
         n_increase=jnp.where(check, 0.0, n_increase),
         value_best_at_check=jnp.where(check, value_best, s["value_best_at_check"]),
         reduced_at_check=jnp.where(check, halve, s["reduced_at_check"]))
+
+  def started(s, x_start, value, logits, grad):
+    """The state after evaluating the random start (the algorithm's initialisation)."""
+    return dict(s, x_eval=x_start, x_adv=x_start, x_prev=x_start, grad=grad, value=value,
+                x_best=x_start, grad_best=grad, value_best=value, x_best_adv=x_start,
+                fooled=argmax_differs(logits, y), value_best_at_check=value)
+
+  def body(_, i, s):
+    # Step i evaluates the point step i - 1 made with the key the unrotated loop gives it.
+    key = jax.random.fold_in(model_key, jnp.where(i == 0, n_iter, i - 1))
+    value, logits, grad = loss_and_grad(s["x_eval"], s["targets"], key)
+    s = jax.tree.map(lambda first, later: jnp.where(i == 0, first, later),
+                     started(s, s["x_eval"], value, logits, grad),
+                     evaluated(i, s, s["x_eval"], value, logits, grad))
+    # The next point: momentum 0.75 on the projected step, none on the first step.
+    a = jnp.where(i > 0, 0.75, 1.0)
+    z = project(s["x_adv"] + expand(s["step_size"], ndim) * direction(s["grad"]), x, eps, norm)
+    x_next = project(s["x_adv"] + a * (z - s["x_adv"]) + (1 - a) * (s["x_adv"] - s["x_prev"]),
+                     x, eps, norm)
+    return dict(s, x_eval=x_next)
 
   def finish(s):
     return jnp.where(expand(s["fooled"], ndim), s["x_best_adv"], s["x_best"]), s["fooled"]
@@ -148,8 +165,9 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
 
 
 def apgd_loops(n_iter: int = 100, **_) -> Loops:
-  """The loops of an APGD run's `Program`: its `n_iter` steps."""
-  return ((0, n_iter),)
+  """The loops of an APGD run's `Program`: the evaluation of its random start, then its
+  `n_iter` steps (each `body` call evaluates one point)."""
+  return ((0, n_iter + 1),)
 
 
 def _apgd_runs(model: Model, x: jax.Array, y: jax.Array, keys: jax.Array, model_key: jax.Array,
