@@ -520,3 +520,27 @@ def test_host_loops_are_for_the_gradient_attacks_and_square_keeps_its_xla_loop(m
   assert chosen == {"apgd": True, "fab": True, "square": False}
   aa.evaluate(f, x[:8], y[:8], eps=EPS["Linf"], host_loops=False, progress=False)
   assert not any(chosen.values())
+
+
+@pytest.mark.parametrize("loss,forwards", [("ce", 0), ("dlr-targeted", 1)])
+def test_an_apgd_run_evaluates_the_model_only_in_its_steps(mlp, loss, forwards):
+  """The random start is evaluated by the first step, not by `init`, so host loops compile one
+  gradient program per batch shape (APGD-T's init only ranks the clean logits for its target);
+  the run still evaluates n_iter + 1 points, as the algorithm does."""
+  f, x, y = mlp
+  calls = []
+
+  def model(xx, key):
+    calls.append(xx.shape)
+    return f(xx)
+
+  n = 8
+  program = aa.apgd_program(model, jnp.asarray(x[:n]), jnp.asarray(y[:n]),
+                            jax.random.split(jax.random.key(0), n), jax.random.key(1), run=0,
+                            eps=EPS["Linf"], loss=loss, n_iter=5)
+  state = program.init()
+  assert len(calls) == forwards
+  assert program.loops == ((0, 6),)
+  for i in range(*program.loops[0]):
+    state = program.body(0, jnp.int32(i), state)
+  assert len(calls) == forwards + 6
