@@ -124,11 +124,13 @@ class Program(NamedTuple):
   (`runtime.host_attack_loops`). The functions close over the attack's inputs and settings;
   `loops` depends on the settings only. What the iterations need beyond the inputs (APGD-T's
   targets) `init` computes into the state: with host loops, `body` is a program of its own, and
-  anything it closes over would be computed again at every iteration.
+  anything it closes over would be computed again at every iteration. An attack whose `init`
+  would take the model's gradient can leave that to its first `body` step instead (APGD does),
+  so that host loops compile one gradient program per batch shape, not two.
 
   `remaining(state) -> [B]` bool, where given instead of `going`, marks the examples still being
-  attacked (the program goes on while any is: `Program.goes`); every leaf of the state is per example (leading axis B), and an example's
-  outputs no longer change once it is not remaining. The host loops then compact the batch to
+  attacked (the program goes on while any is: `Program.goes`); every leaf of the state is per
+  example (leading axis B), and an example's outputs no longer change once it is not remaining. The host loops then compact the batch to
   the examples remaining (`_host_loop_attack`).
   """
   init: Callable[[], Any]
