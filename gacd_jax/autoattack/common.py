@@ -130,8 +130,8 @@ class Program(NamedTuple):
 
   `remaining(state) -> [B]` bool, where given instead of `going`, marks the examples still being
   attacked (the program goes on while any is: `Program.goes`); every leaf of the state is per
-  example (leading axis B), and an example's outputs no longer change once it is not remaining. The host loops then compact the batch to
-  the examples remaining (`_host_loop_attack`).
+  example (leading axis B), and an example's outputs no longer change once it is not remaining.
+  The host loops then compact the batch to the examples remaining (`_host_loop_attack`).
   """
   init: Callable[[], Any]
   loops: Loops
