@@ -85,6 +85,11 @@ class Model(NamedTuple):
   y: np.ndarray
 
 
+def apply_builder(module) -> Callable:
+  """`() -> (variables, x) -> logits` of `module` in eval mode, a new function at every call."""
+  return lambda: lambda v, x: module.apply(v, x, train=False)[0]
+
+
 def resnet18(n: int) -> Model:
   """The wheel's ResNet-18 and `n` random images labelled by it."""
   state = torch_convert.read_torch_checkpoint(WEIGHTS)
@@ -93,7 +98,7 @@ def resnet18(n: int) -> Model:
   variables = torch_convert.torch_to_flax("resnet18", state, 10)
   module = models.build("resnet18", 10, store_conv_inputs=runtime.store_conv_inputs(
       jax.default_backend()))
-  build_apply = lambda: lambda v, x: module.apply(v, x, train=False)[0]
+  build_apply = apply_builder(module)
   x = np.random.default_rng(0).uniform(0, 1, (n, 32, 32, 3)).astype(np.float32)
   y = np.asarray(jax.jit(build_apply())(variables, x)).argmax(1).astype(np.int64)
   return Model(torch_models.LogitsOnly(net), build_apply, variables, x, y)
@@ -103,7 +108,7 @@ def digits(workdir: str, epochs: int) -> Model:
   """The cross-check's PGD-AT small_cnn and the digits test split."""
   module, variables = autoattack_crosscheck.train_model(pathlib.Path(workdir), epochs)
   batch = data.build("digits", "test", image_size=8, channels=1).get(np.arange(355))
-  build_apply = lambda: lambda v, x: module.apply(v, x, train=False)[0]
+  build_apply = apply_builder(module)
   return Model(autoattack_crosscheck.torch_model(variables), build_apply, variables,
                batch["image"], batch["label"].astype(np.int64))
 

@@ -90,8 +90,8 @@ def _tiny_speed_model(n: int = 6):
   module = models.build("small_cnn", 10, width=4)
   x = np.random.default_rng(0).uniform(0, 1, (n, 16, 16, 3)).astype(np.float32)
   return autoattack_speed.Model(torch_models.LogitsOnly(net),
-                                lambda: lambda v, images: module.apply(v, images, train=False)[0],
-                                variables, x, np.arange(n) % 10)
+                                autoattack_speed.apply_builder(module), variables, x,
+                                np.arange(n) % 10)
 
 
 def test_autoattack_speed_interleaves_the_packages_and_divides_their_medians(monkeypatch):

@@ -107,9 +107,10 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
         step_size=jnp.full(x.shape[:1], 2.0 * eps, x.dtype), n_increase=zeros,
         value_best_at_check=zeros, reduced_at_check=jnp.ones(x.shape[:1], bool))
 
-  def evaluated(i, s, x_new, value, logits, grad):
-    """The state after evaluating `x_new`, made by step i - 1 of Algorithm 1 (i >= 1)."""
+  def evaluated(i, s, value, logits, grad):
+    """The state after evaluating `x_eval`, made by step i - 1 of Algorithm 1 (i >= 1)."""
     i = jnp.maximum(i - 1, 0)
+    x_new = s["x_eval"]
     wrong = argmax_differs(logits, y)
     x_best_adv = jnp.where(expand(wrong & ~s["fooled"], ndim), x_new, s["x_best_adv"])
     improved = value > s["value_best"]
@@ -135,9 +136,10 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
         value_best_at_check=jnp.where(check, value_best, s["value_best_at_check"]),
         reduced_at_check=jnp.where(check, halve, s["reduced_at_check"]))
 
-  def started(s, x_start, value, logits, grad):
+  def started(s, value, logits, grad):
     """The state after evaluating the random start (the algorithm's initialisation)."""
-    return dict(s, x_eval=x_start, x_adv=x_start, x_prev=x_start, grad=grad, value=value,
+    x_start = s["x_eval"]
+    return dict(s, x_adv=x_start, x_prev=x_start, grad=grad, value=value,
                 x_best=x_start, grad_best=grad, value_best=value, x_best_adv=x_start,
                 fooled=argmax_differs(logits, y), value_best_at_check=value)
 
@@ -146,8 +148,7 @@ def _apgd_run(model: Model, x: jax.Array, y: jax.Array, targets: Callable[[], ja
     key = jax.random.fold_in(model_key, jnp.where(i == 0, n_iter, i - 1))
     value, logits, grad = loss_and_grad(s["x_eval"], s["targets"], key)
     s = jax.tree.map(lambda first, later: jnp.where(i == 0, first, later),
-                     started(s, s["x_eval"], value, logits, grad),
-                     evaluated(i, s, s["x_eval"], value, logits, grad))
+                     started(s, value, logits, grad), evaluated(i, s, value, logits, grad))
     # The next point: momentum 0.75 on the projected step, none on the first step.
     a = jnp.where(i > 0, 0.75, 1.0)
     z = project(s["x_adv"] + expand(s["step_size"], ndim) * direction(s["grad"]), x, eps, norm)
